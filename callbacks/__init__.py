@@ -1,0 +1,1 @@
+"""Lightning plug-ins for the adaptive toolkit: thin adapters over the framework-free core."""

@@ -1,0 +1,71 @@
+"""The demo's named run configurations: one row of the results table each.
+
+A run names its optimizer, batch size, optional learning-rate schedule and extra callbacks as
+factories of a :class:`RunContext`, so schedules can be sized in samples for any data budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run's factories may size themselves by."""
+
+    train_size: int  # training samples per epoch
+    epochs: int
+
+    @property
+    def total_samples(self) -> int:
+        return self.train_size * self.epochs
+
+
+OptimizerFactory = Callable[[list[nn.Parameter], RunContext], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer, RunContext], dict[str, Any]]
+CallbacksFactory = Callable[[RunContext], list[L.Callback]]
+
+
+def _no_callbacks(ctx: RunContext) -> list[L.Callback]:
+    return []
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A named training configuration of the demo."""
+
+    name: str
+    description: str
+    optimizer: OptimizerFactory
+    batch_size: int = 128
+    scheduler: SchedulerFactory | None = None
+    callbacks: CallbacksFactory = field(default=_no_callbacks)
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c.isspace() for c in self.name):
+            raise ValueError(f"name must be a non-empty word, got {self.name!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _adam(params: list[nn.Parameter], ctx: RunContext) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def _adagrad(params: list[nn.Parameter], ctx: RunContext) -> torch.optim.Optimizer:
+    return torch.optim.Adagrad(params, lr=0.01)
+
+
+RUNS: dict[str, RunConfig] = {
+    run.name: run
+    for run in (
+        RunConfig("adam", "Adam lr 1e-3, batch 128 (baseline)", _adam),
+        RunConfig("adagrad", "AdaGrad lr 0.01, batch 128 (baseline)", _adagrad),
+    )
+}
