@@ -1,0 +1,510 @@
+"""Per-layer rules for per-sample gradient quantities from a layer's input and output gradient.
+
+For a layer with input ``a`` (saved by a forward hook) and output gradient ``δ`` (seen by a hook on
+the output tensor), the per-sample gradient of every parameter is a function of ``a_i`` and ``δ_i``
+alone (Goodfellow 2015, "Efficient per-example gradient computations", arXiv 1510.01799). Each rule
+here returns, per sample, quantities of those gradients without forming them where a cheaper
+contraction exists:
+
+- ``sq_norms``: ``Σ_p ‖∂ℓ/∂p‖²_i``, shape ``(b,)``;
+- ``coordinate_sq``: ``Σ_i (∂ℓ/∂p)_i²`` per parameter (parameter-shaped);
+- ``dot``: ``⟨(∂ℓ/∂p)_i, D_p⟩`` summed over the given parameters, shape ``(b,)``.
+
+All quantities are in the units of the gradients autograd produces for the loss as written (the
+caller rescales for mean-reduced losses and loss scaling) and are computed in float32.
+
+Linear and convolution layers are written as one "grouped matmul": input ``X`` of shape
+``(b, g, n_in, T)`` and output gradient ``Δ`` of shape ``(b, g, n_out, T)``, where ``T`` is the
+number of positions sharing the weight (sequence positions, or output pixels after im2col) and
+``g`` the convolution groups. The per-sample weight gradient is ``G_i = Δ_i X_iᵀ`` and
+
+- ``T = 1``: ``‖G_i‖² = ‖x_i‖²‖δ_i‖²``;
+- Gram form: ``‖G_i‖² = Σ_{s,t} (x_is·x_it)(δ_is·δ_it)``, cost ``T²(n_in + n_out)`` per sample;
+- materialised form: ``‖Δ_i X_iᵀ‖²``, cost ``T·n_in·n_out`` per sample;
+
+whichever is cheaper is used (the choice Opacus' ghost clipping and BackPACK make for sequences).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "SUPPORTED_MODULES",
+    "LayerRule",
+    "UnsupportedModuleError",
+    "find_rule",
+]
+
+_NormBatch = nn.modules.batchnorm._BatchNorm
+
+
+class UnsupportedModuleError(TypeError):
+    """A module has no per-sample rule, or couples the samples of a batch (BatchNorm in training)."""
+
+
+def _grouped_sq_norms(x: Tensor, d: Tensor) -> Tensor:
+    """Σ_g ‖Δ_ig X_igᵀ‖² for x (b,g,n_in,T), d (b,g,n_out,T); picks the cheaper contraction."""
+    b, _, n_in, t = x.shape
+    n_out = d.shape[2]
+    if t == 1:
+        return (x.square().sum(2) * d.square().sum(2)).reshape(b, -1).sum(1)
+    if t * (n_in + n_out) < n_in * n_out:
+        xt = x.transpose(-1, -2)
+        dt = d.transpose(-1, -2)
+        gram_x = xt @ x  # (b,g,T,T)
+        gram_d = dt @ d
+        return (gram_x * gram_d).reshape(b, -1).sum(1)
+    g = d @ x.transpose(-1, -2)  # (b,g,n_out,n_in)
+    return g.square().reshape(b, -1).sum(1)
+
+
+def _grouped_coordinate_sq(x: Tensor, d: Tensor) -> Tensor:
+    """Σ_i (Δ_i X_iᵀ)² elementwise, shape (g, n_out, n_in)."""
+    if x.shape[-1] == 1:
+        # (δ²)ᵀ(x²): one matmul over the batch instead of b outer products.
+        return torch.einsum("bgo,bgi->goi", d[..., 0].square(), x[..., 0].square())
+    return (d @ x.transpose(-1, -2)).square().sum(0)
+
+
+def _grouped_dot(x: Tensor, d: Tensor, w: Tensor) -> Tensor:
+    """⟨Δ_i X_iᵀ, W⟩ summed over groups for W (g, n_out, n_in); shape (b,)."""
+    # Σ_t δ_itᵀ W x_it: contract W with δ first (n_out → n_in), then with x.
+    wd = w.transpose(-1, -2).unsqueeze(0) @ d  # (b,g,n_in,T)
+    return (wd * x).reshape(x.shape[0], -1).sum(1)
+
+
+class LayerRule:
+    """Per-sample quantities for one module type (see the module docstring for the meaning)."""
+
+    def sq_norms(self, module: nn.Module, a: Tensor, d: Tensor, names: frozenset[str]) -> Tensor:
+        raise NotImplementedError
+
+    def coordinate_sq(
+        self, module: nn.Module, a: Tensor, d: Tensor, names: frozenset[str]
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def dot(
+        self, module: nn.Module, a: Tensor, d: Tensor, directions: Mapping[str, Tensor]
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def check(self, name: str, module: nn.Module) -> None:
+        """Raise UnsupportedModuleError where this module instance cannot be handled."""
+
+    def fusable(self, module: nn.Module, a: Tensor) -> bool:
+        """True where this call materialises per-sample weight gradients anyway (so the batch
+        gradient can be their sum instead of a second autograd computation)."""
+        return False
+
+    def per_sample_params(
+        self, module: nn.Module, a: Tensor, d: Tensor, names: frozenset[str]
+    ) -> dict[str, Tensor]:
+        """Per-sample gradients ``name -> (b, *param.shape)`` (only for fusable calls)."""
+        raise NotImplementedError
+
+
+class _GroupedMatmulRule(LayerRule):
+    """Shared code for Linear and Conv: subclasses build X (b,g,n_in,T) and Δ (b,g,n_out,T)."""
+
+    def operands(self, module: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def weight_view(self, module: nn.Module, w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sq_norms(self, module, a, d, names):
+        x, dd = self.operands(module, a, d)
+        b = x.shape[0]
+        out = torch.zeros(b, device=d.device, dtype=torch.float32)
+        if "weight" in names:
+            out = out + _grouped_sq_norms(x, dd)
+        if "bias" in names:
+            out = out + dd.sum(-1).square().reshape(b, -1).sum(1)
+        return out
+
+    def coordinate_sq(self, module, a, d, names):
+        x, dd = self.operands(module, a, d)
+        res: dict[str, Tensor] = {}
+        if "weight" in names:
+            res["weight"] = _grouped_coordinate_sq(x, dd).reshape(module.weight.shape)
+        if "bias" in names:
+            res["bias"] = dd.sum(-1).reshape(dd.shape[0], -1).square().sum(0)
+        return res
+
+    def dot(self, module, a, d, directions):
+        x, dd = self.operands(module, a, d)
+        b = x.shape[0]
+        out = torch.zeros(b, device=d.device, dtype=torch.float32)
+        if "weight" in directions:
+            w = self.weight_view(module, directions["weight"].float())
+            out = out + _grouped_dot(x, dd, w)
+        if "bias" in directions:
+            out = out + dd.sum(-1).reshape(b, -1) @ directions["bias"].float().reshape(-1)
+        return out
+
+
+class LinearRule(_GroupedMatmulRule):
+    """``nn.Linear`` on inputs ``(b, in)`` or ``(b, *seq, in)``: the sequence axes share the weight."""
+
+    def operands(self, module, a, d):
+        b = d.shape[0]
+        if a.dim() < 2:
+            raise ValueError(
+                f"Linear input must have a batch axis, got shape {tuple(a.shape)}; "
+                "GradientStatistics reads axis 0 as the sample axis"
+            )
+        x = a.float().reshape(b, -1, a.shape[-1]).transpose(1, 2).unsqueeze(1)
+        dd = d.float().reshape(b, -1, d.shape[-1]).transpose(1, 2).unsqueeze(1)
+        return x, dd
+
+    def weight_view(self, module, w):
+        return w.unsqueeze(0)
+
+    def fusable(self, module, a):
+        n_in, n_out = module.in_features, module.out_features
+        t = a.numel() // max(1, a.shape[0] * n_in) if a.dim() >= 2 else 1
+        return t > 1 and t * (n_in + n_out) >= n_in * n_out
+
+    def per_sample_params(self, module, a, d, names):
+        b = d.shape[0]
+        x = a.float().reshape(b, -1, a.shape[-1])
+        dd = d.float().reshape(b, -1, d.shape[-1])
+        res: dict[str, Tensor] = {}
+        if "weight" in names:
+            res["weight"] = dd.transpose(1, 2) @ x
+        if "bias" in names:
+            res["bias"] = dd.sum(1)
+        return res
+
+
+class ConvRule(_GroupedMatmulRule):
+    """``nn.Conv1d``/``nn.Conv2d`` (any stride, padding, padding mode, dilation, groups) by im2col."""
+
+    def operands(self, module, a, d):
+        conv: nn.Conv1d | nn.Conv2d = module  # type: ignore[assignment]
+        a = a.float()
+        pads = conv._reversed_padding_repeated_twice
+        if any(p != 0 for p in pads):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            a = F.pad(a, pads, mode=mode)
+        if isinstance(conv, nn.Conv1d):
+            a = a.unsqueeze(2)
+            kernel, dilation, stride = (
+                (1, *conv.kernel_size),
+                (1, *conv.dilation),
+                (1, *conv.stride),
+            )
+        else:
+            kernel, dilation, stride = conv.kernel_size, conv.dilation, conv.stride
+        cols = F.unfold(a, kernel, dilation=dilation, stride=stride)  # (b, C_in·k, L)
+        b, g = cols.shape[0], conv.groups
+        x = cols.reshape(b, g, -1, cols.shape[-1])
+        dd = d.float().reshape(b, g, conv.out_channels // g, -1)
+        return x, dd
+
+    def weight_view(self, module, w):
+        g = module.groups
+        return w.reshape(g, module.out_channels // g, -1)
+
+    @staticmethod
+    def _as_2d(conv: nn.Module, a: Tensor, d: Tensor):
+        a = a.float()
+        pads = conv._reversed_padding_repeated_twice
+        if any(p != 0 for p in pads):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            a = F.pad(a, pads, mode=mode)
+        d = d.float()
+        if isinstance(conv, nn.Conv1d):
+            return (
+                a.unsqueeze(2),
+                d.unsqueeze(2),
+                (1, *conv.kernel_size),
+                (1, *conv.dilation),
+                (
+                    1,
+                    *conv.stride,
+                ),
+            )
+        return a, d, conv.kernel_size, conv.dilation, conv.stride
+
+    def _use_direct(self, module: nn.Module, d: Tensor) -> bool:
+        """groups == 1 and the materialised form is cheaper than the Gram form."""
+        if module.groups != 1:
+            return False
+        positions = d[0, 0].numel()
+        n_in = module.in_channels * math.prod(module.kernel_size)
+        return positions * (n_in + module.out_channels) >= n_in * module.out_channels
+
+    def _direct(self, module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
+        """Per-sample weight gradients as one grouped convolution, shape (C_in, b, C_out, kh, kw).
+
+        ``G_i[o,c,u,v] = Σ_{p,q} δ_i[o,p,q]·a_i[c, p·s + u·r, q·s + v·r]`` (stride s, dilation r)
+        is a cross-correlation of sample i's input channels with its own output gradient used as
+        a kernel dilated by s, evaluated with stride r; putting the samples on the channel axis
+        with ``groups=b`` does all samples in one call, without the im2col copy.
+        """
+        a4, d4, kernel, dilation, stride = self._as_2d(module, a, d)
+        b, c = a4.shape[:2]
+        o = d4.shape[1]
+        g = F.conv2d(
+            a4.transpose(0, 1),
+            d4.reshape(b * o, 1, *d4.shape[2:]),
+            groups=b,
+            dilation=stride,
+            stride=dilation,
+        )
+        return g[..., : kernel[0], : kernel[1]].reshape(c, b, o, kernel[0], kernel[1])
+
+    def fusable(self, module, a):
+        spatial = a.shape[2:]
+        pads = module._reversed_padding_repeated_twice
+        positions = 1
+        for i, size in enumerate(spatial):
+            j = len(spatial) - 1 - i  # pads are listed last dimension first
+            padded = size + pads[2 * j] + pads[2 * j + 1]
+            span = module.dilation[i] * (module.kernel_size[i] - 1) + 1
+            positions *= max(0, (padded - span) // module.stride[i] + 1)
+        n_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+        n_out = module.out_channels // module.groups
+        return positions * (n_in + n_out) >= n_in * n_out
+
+    def per_sample_params(self, module, a, d, names):
+        b = d.shape[0]
+        res: dict[str, Tensor] = {}
+        if "weight" in names:
+            if module.groups == 1:
+                g = self._direct(module, a, d)  # (C_in, b, C_out, kh, kw)
+                g = g.permute(1, 2, 0, 3, 4)  # (b, C_out, C_in, kh, kw), a view
+                res["weight"] = (
+                    g.reshape(b, *module.weight.shape)
+                    if g.shape[2:] != module.weight.shape[1:]
+                    else g
+                )
+            else:
+                x, dd = self.operands(module, a, d)
+                res["weight"] = (dd @ x.transpose(-1, -2)).reshape(b, *module.weight.shape)
+        if "bias" in names:
+            res["bias"] = d.float().reshape(b, d.shape[1], -1).sum(-1)
+        return res
+
+    def sq_norms(self, module, a, d, names):
+        if not self._use_direct(module, d):
+            return super().sq_norms(module, a, d, names)
+        b = d.shape[0]
+        out = torch.zeros(b, device=d.device, dtype=torch.float32)
+        if "weight" in names:
+            out = out + self._direct(module, a, d).square().transpose(0, 1).reshape(b, -1).sum(1)
+        if "bias" in names:
+            out = out + d.float().reshape(b, d.shape[1], -1).sum(-1).square().sum(1)
+        return out
+
+    def coordinate_sq(self, module, a, d, names):
+        if not self._use_direct(module, d):
+            return super().coordinate_sq(module, a, d, names)
+        res: dict[str, Tensor] = {}
+        b = d.shape[0]
+        if "weight" in names:
+            sq = self._direct(module, a, d).square().sum(1)  # (C_in, C_out, kh, kw)
+            res["weight"] = sq.transpose(0, 1).reshape(module.weight.shape)
+        if "bias" in names:
+            res["bias"] = d.float().reshape(b, d.shape[1], -1).sum(-1).square().sum(0)
+        return res
+
+    def dot(self, module, a, d, directions):
+        if not self._use_direct(module, d):
+            return super().dot(module, a, d, directions)
+        b = d.shape[0]
+        out = torch.zeros(b, device=d.device, dtype=torch.float32)
+        if "weight" in directions:
+            w = directions["weight"].float()
+            w4 = w.unsqueeze(2) if w.dim() == 3 else w  # (C_out, C_in, kh, kw)
+            g = self._direct(module, a, d)  # (C_in, b, C_out, kh, kw)
+            out = out + (g * w4.transpose(0, 1).unsqueeze(1)).transpose(0, 1).reshape(b, -1).sum(1)
+        if "bias" in directions:
+            out = out + d.float().reshape(b, d.shape[1], -1).sum(-1) @ directions["bias"].float()
+        return out
+
+    def check(self, name, module):
+        if not isinstance(module.padding, str) and len(
+            module._reversed_padding_repeated_twice
+        ) != 2 * (module.weight.dim() - 2):
+            raise UnsupportedModuleError(f"module '{name}': unexpected padding layout")
+
+
+class EmbeddingRule(LayerRule):
+    """``nn.Embedding``: the per-sample gradient of row v is ``Σ_{t: id_t = v} δ_t``.
+
+    ``‖g_i‖² = Σ_{s,t} [id_s = id_t] δ_s·δ_t`` (a masked Gram matrix over the sample's tokens), so
+    no vocabulary-sized tensor is formed per sample. Tokens equal to ``padding_idx`` get no gradient.
+    """
+
+    def _prepare(self, module: nn.Embedding, ids: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        b = d.shape[0]
+        ids = ids.reshape(b, -1)
+        dd = d.float().reshape(b, ids.shape[1], -1)
+        if module.padding_idx is not None:
+            dd = dd * (ids != module.padding_idx).unsqueeze(-1)
+        return ids, dd
+
+    def sq_norms(self, module, a, d, names):
+        ids, dd = self._prepare(module, a, d)
+        if ids.shape[1] == 1:
+            return dd.square().sum((1, 2))
+        same = (ids.unsqueeze(2) == ids.unsqueeze(1)).float()
+        return ((dd @ dd.transpose(1, 2)) * same).sum((1, 2))
+
+    def coordinate_sq(self, module, a, d, names):
+        ids, dd = self._prepare(module, a, d)
+        same = (ids.unsqueeze(2) == ids.unsqueeze(1)).float()
+        # Row sum S_t of sample i's gradient at token t's row, shared by the `count_t` positions
+        # holding the same id: Σ over distinct rows of S² = Σ_t S_t² / count_t.
+        rows = same @ dd
+        share = rows.square() / same.sum(2, keepdim=True)
+        out = torch.zeros_like(module.weight, dtype=torch.float32)
+        out.index_add_(0, ids.reshape(-1), share.reshape(-1, share.shape[-1]))
+        return {"weight": out}
+
+    def dot(self, module, a, d, directions):
+        ids, dd = self._prepare(module, a, d)
+        w = directions["weight"].float()
+        return (w[ids] * dd).sum((1, 2))
+
+    def check(self, name, module):
+        if module.sparse:
+            raise UnsupportedModuleError(
+                f"module '{name}' (Embedding) uses sparse gradients; use sparse=False or "
+                "fallback='groups'"
+            )
+        if module.scale_grad_by_freq:
+            raise UnsupportedModuleError(
+                f"module '{name}' (Embedding) has scale_grad_by_freq=True, which scales each "
+                "row by its frequency in the whole batch and so couples the samples; set it to "
+                "False or pass fallback='groups'"
+            )
+
+
+class _AffineNormRule(LayerRule):
+    """Normalisation layers ``y = x̂·w + β``: per-sample ``∂w = Σ δ·x̂``, ``∂β = Σ δ`` (materialised:
+    the parameters are small)."""
+
+    def normalized(self, module: nn.Module, a: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reduce_to_param(self, module: nn.Module, t: Tensor) -> Tensor:
+        """Sum a (b, *input) tensor to (b, *param_shape)."""
+        raise NotImplementedError
+
+    def per_sample(self, module, a, d, names) -> dict[str, Tensor]:
+        dd = d.float()
+        res: dict[str, Tensor] = {}
+        if "weight" in names:
+            res["weight"] = self.reduce_to_param(module, dd * self.normalized(module, a))
+        if "bias" in names:
+            res["bias"] = self.reduce_to_param(module, dd)
+        return res
+
+    def sq_norms(self, module, a, d, names):
+        out = torch.zeros(d.shape[0], device=d.device, dtype=torch.float32)
+        for g in self.per_sample(module, a, d, names).values():
+            out = out + g.reshape(g.shape[0], -1).square().sum(1)
+        return out
+
+    def coordinate_sq(self, module, a, d, names):
+        return {k: g.square().sum(0) for k, g in self.per_sample(module, a, d, names).items()}
+
+    def dot(self, module, a, d, directions):
+        out = torch.zeros(d.shape[0], device=d.device, dtype=torch.float32)
+        for k, g in self.per_sample(module, a, d, frozenset(directions)).items():
+            out = out + (g * directions[k].float()).reshape(g.shape[0], -1).sum(1)
+        return out
+
+
+class _LastDimsNormRule(_AffineNormRule):
+    """Norms over the trailing ``normalized_shape`` dims (LayerNorm, RMSNorm)."""
+
+    def reduce_to_param(self, module, t):
+        k = len(module.normalized_shape)
+        lead = tuple(range(1, t.dim() - k))
+        return t.sum(lead) if lead else t
+
+
+class LayerNormRule(_LastDimsNormRule):
+    def normalized(self, module, a):
+        return F.layer_norm(a.float(), module.normalized_shape, eps=module.eps)
+
+
+class RMSNormRule(_LastDimsNormRule):
+    def normalized(self, module, a):
+        eps = module.eps if module.eps is not None else torch.finfo(a.dtype).eps
+        return F.rms_norm(a.float(), module.normalized_shape, eps=eps)
+
+
+class _ChannelNormRule(_AffineNormRule):
+    """Per-channel affine on axis 1 (GroupNorm, BatchNorm in eval mode)."""
+
+    def reduce_to_param(self, module, t):
+        return t.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else t
+
+
+class GroupNormRule(_ChannelNormRule):
+    def normalized(self, module, a):
+        return F.group_norm(a.float(), module.num_groups, eps=module.eps)
+
+
+class BatchNormEvalRule(_ChannelNormRule):
+    """BatchNorm in eval mode normalises with running statistics, so it acts per sample."""
+
+    def normalized(self, module, a):
+        x = a.float()
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = module.running_mean.float().reshape(shape)
+        var = module.running_var.float().reshape(shape)
+        return (x - mean) * torch.rsqrt(var + module.eps)
+
+    def check(self, name, module):
+        if module.training or module.running_mean is None:
+            raise UnsupportedModuleError(
+                f"module '{name}' ({type(module).__name__}) normalises with batch statistics "
+                "(training mode or track_running_stats=False), which couples the samples of a "
+                "batch: per-sample gradients are not defined. Use GroupNorm or LayerNorm, put "
+                "the layer in eval mode, or pass fallback='groups'"
+            )
+
+
+# Order matters: the first isinstance match wins.
+_RULES: tuple[tuple[type[nn.Module], LayerRule], ...] = (
+    (nn.Linear, LinearRule()),
+    (nn.Conv1d, ConvRule()),
+    (nn.Conv2d, ConvRule()),
+    (nn.Embedding, EmbeddingRule()),
+    (nn.LayerNorm, LayerNormRule()),
+    (nn.GroupNorm, GroupNormRule()),
+    (nn.RMSNorm, RMSNormRule()),
+    (_NormBatch, BatchNormEvalRule()),
+)
+
+SUPPORTED_MODULES: tuple[str, ...] = (
+    "Linear",
+    "Conv1d",
+    "Conv2d",
+    "Embedding",
+    "LayerNorm",
+    "GroupNorm",
+    "RMSNorm",
+    "BatchNorm (eval mode)",
+)
+
+
+def find_rule(module: nn.Module) -> LayerRule | None:
+    """The rule for ``module``'s type, or None."""
+    for cls, rule in _RULES:
+        if isinstance(module, cls):
+            return rule
+    return None

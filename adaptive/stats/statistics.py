@@ -1,0 +1,707 @@
+"""The per-step gradient statistics sensor: :class:`GradientStatistics` and :class:`StatisticsResult`.
+
+Notation: ``g_i`` is the gradient of sample ``i``'s own (unreduced) loss, ``b`` the number of
+samples in the (global, accumulated) batch, ``ḡ = (1/b) Σ_i g_i``. The quantities are
+
+- ``variance V = (Σ_i ‖g_i‖² − b‖ḡ‖²)/(b − 1)``: the unbiased per-coordinate variance summed over
+  coordinates, ``‖Var‖₁`` (Byrd et al. 2012 norm test; AdAdaGrad, Lau et al. 2024, arXiv 2402.11215);
+- ``noise_scale = V/‖ḡ‖²``: the simple noise scale ``B_simple = tr Σ/‖G‖²`` (McCandlish et al. 2018,
+  arXiv 1812.06162) with the plug-in estimates;
+- ``inner_product_variance = Var_i ⟨g_i, ḡ⟩`` (Bollapragada et al. 2018, inner-product test), with the
+  inner product summed over all layers for each sample before the variance is taken;
+- ``orthogonality_variance = Σ_j Var_i (g_i − (⟨g_i,ḡ⟩/‖ḡ‖²) ḡ)_j = (Σ_i ‖g_i‖² − Σ_i ⟨g_i,ḡ⟩²/‖ḡ‖²)/(b−1)``.
+
+Per-sample quantities come from per-layer hooks (see :mod:`adaptive.stats.layers`), never from
+per-sample gradients; all work stays on the device (no ``.item()`` while capturing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+from adaptive.stats.layers import (
+    SUPPORTED_MODULES,
+    LayerRule,
+    UnsupportedModuleError,
+    find_rule,
+)
+
+__all__ = ["FALLBACKS", "GradientStatistics", "StatisticsResult"]
+
+FALLBACKS: tuple[str, ...] = ("groups",)
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass
+class StatisticsResult:
+    """Statistics of the per-sample gradients of one (accumulated, global) batch.
+
+    Every tensor is a float32 tensor on the model's device; scalars are 0-d. Fields that were not
+    requested (or that the chosen estimator cannot give) are None.
+
+    Attributes:
+        batch_size: b, the number of samples over all micro-batches and ranks (under DDP computed as
+            local samples × world size, which assumes equal local batches; the statistics
+            themselves use the exact global count).
+        per_sample_sq_norms: ``‖g_i‖²`` of this rank's samples, in capture order, shape (b_local,).
+        sum_sq_norms: ``Σ_i ‖g_i‖²`` over the global batch.
+        grad_sq_norm: ``‖ḡ‖²``.
+        variance: ``(Σ_i ‖g_i‖² − b‖ḡ‖²)/(b−1)``.
+        noise_scale: ``variance / grad_sq_norm``.
+        inner_product_variance: ``Var_i ⟨g_i, ḡ⟩`` (see :class:`GradientStatistics` for exactness).
+        orthogonality_variance: summed variance of the part of ``g_i`` orthogonal to ``ḡ``.
+        coordinate_sq_sums: ``Σ_i g_ij²`` per parameter name (``per_coordinate=True``).
+        mean_grads: ``ḡ`` per parameter name (``per_coordinate=True``).
+        group_counts: samples per group id, shape (G,) (``num_groups`` set).
+        group_sum_sq_norms: ``Σ_{i∈group} ‖g_i‖²``, shape (G,).
+        group_grad_dots: ``Σ_{i∈group} ⟨g_i, d⟩`` for the target ``d`` of
+            :meth:`GradientStatistics.set_target`, shape (G,).
+        num_micro_batches: captures combined on each rank (accumulation steps).
+        world_size: data-parallel ranks combined.
+        method: ``"per_sample"`` (exact hooks) or ``"groups"`` (fallback estimator).
+    """
+
+    batch_size: int
+    per_sample_sq_norms: Tensor | None
+    sum_sq_norms: Tensor | None
+    grad_sq_norm: Tensor
+    variance: Tensor
+    noise_scale: Tensor
+    inner_product_variance: Tensor | None = None
+    orthogonality_variance: Tensor | None = None
+    coordinate_sq_sums: dict[str, Tensor] | None = None
+    mean_grads: dict[str, Tensor] | None = None
+    group_counts: Tensor | None = None
+    group_sum_sq_norms: Tensor | None = None
+    group_grad_dots: Tensor | None = None
+    num_micro_batches: int = 1
+    world_size: int = 1
+    method: str = "per_sample"
+
+
+class _MicroBatch:
+    """What one capture() block collected (raw units: gradients of the loss as written)."""
+
+    def __init__(self, group_ids: Tensor | None) -> None:
+        self.group_ids = group_ids
+        self.size: int | None = None
+        self.sq: Tensor | None = None  # (m,) Σ_layers ‖raw g_i‖²
+        self.inner: Tensor | None = None  # (m,) ⟨raw g_i, raw Σ_j g_j⟩
+        self.sum_sq: Tensor | None = None  # ‖raw Σ_j g_j‖² of this micro-batch
+        self.target_dots: Tensor | None = None  # (m,) ⟨raw g_i, d⟩
+        self.inv_scale: Tensor | None = None  # 1/loss scale (GradScaler), 0-d
+        self.seen: set[str] = set()
+        self.toggled: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        self.pending: dict[str, list[Any]] = {}  # module name -> [a, δ, params left]
+
+
+@dataclass
+class _Site:
+    name: str
+    module: nn.Module
+    rule: LayerRule | None
+    params: dict[str, tuple[str, nn.Parameter]]  # local name -> (full name, param)
+
+
+def _add(acc: Tensor | None, x: Tensor) -> Tensor:
+    return x if acc is None else acc + x
+
+
+class _FusedWeightGrads(torch.autograd.Function):
+    """Identity on a layer's output whose backward hands the output gradient to the sensor, which
+    returns the layer's parameter gradients as sums of the per-sample gradients it builds anyway.
+
+    The layer ran with its parameters' ``requires_grad`` off, so autograd computes only the
+    input gradient; this node supplies the parameter gradients. The output is a detached alias of
+    the layer's output (not a view), so in-place activations after the layer stay legal.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, handler: Any, *params: Tensor) -> Tensor:
+        ctx.handler = handler
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return (grad, None, *ctx.handler(grad))
+
+
+class GradientStatistics:
+    """Per-step statistics of per-sample gradients, computed by hooks on the device.
+
+    Args:
+        model: the module being trained (a ``DistributedDataParallel`` wrapper is unwrapped). Every
+            module with trainable parameters must be one of Linear, Conv1d, Conv2d, Embedding,
+            LayerNorm, GroupNorm, RMSNorm or BatchNorm in eval mode, unless ``fallback`` is set.
+            Axis 0 of every layer's input is the sample axis.
+        loss_reduction: ``"mean"`` if each micro-batch loss is the mean of the per-sample losses
+            (the raw per-sample gradients are then rescaled by the micro-batch size, and by the
+            number of captures combined, following the accumulation convention below); ``"sum"``
+            if it is their sum.
+        per_coordinate: also return ``coordinate_sq_sums`` and ``mean_grads``.
+        num_groups: G; when set, ``capture(group_ids=...)`` takes a (b,) int64 group id per sample
+            and the result has ``group_counts``, ``group_sum_sq_norms`` and ``group_grad_dots``.
+        fallback: ``None`` (raise on unsupported modules) or ``"groups"``: when the model has an
+            unsupported module or a BatchNorm in training mode, estimate the variance from the
+            group means of micro-batches and ranks instead (see :mod:`adaptive.stats.fallback`).
+        inner_products: compute ``inner_product_variance`` and ``orthogonality_variance`` (one extra
+            contraction per layer, with the layer's own batch gradient); ``False`` leaves them None
+            and costs only the norm statistics.
+        grad_scaler: a ``torch.amp.GradScaler`` whose scale multiplies the loss; its scale is read
+            as a device tensor while capturing and divided out.
+        fuse_weight_grads: where a Linear (with sequence axes) or Conv call is cheaper to handle by
+            materialising its per-sample weight gradients, let the sensor also supply the layer's
+            batch gradient as their sum, so autograd does not compute it a second time (the
+            layer's parameters have ``requires_grad`` switched off during its forward call
+            only). ``False`` leaves every gradient to autograd.
+
+    Accumulation. Several ``capture()`` blocks before one :meth:`result` are micro-batches of one
+    batch, each micro-batch's mean loss divided by the number ``A`` of micro-batches (Lightning's
+    convention), so ``.grad`` holds the mean over all ``b`` samples. Exact for the whole batch in
+    that case (and across DDP ranks): ``per_sample_sq_norms``, ``sum_sq_norms``, ``grad_sq_norm``,
+    ``variance``, ``noise_scale``, ``coordinate_sq_sums``, ``mean_grads`` and the group sums.
+    ``inner_product_variance`` and ``orthogonality_variance`` need ``ḡ`` while a sample's hooks run;
+    only the micro-batch's own mean ``ḡ_k`` (on this rank) is known then. They are therefore
+    pooled within-micro-batch estimates taken along the unit direction ``u_k = ḡ_k/‖ḡ_k‖``:
+    ``inner_product_variance = ‖ḡ‖² Σ_k Σ_{i∈k} (⟨g_i,u_k⟩ − mean_k)² / (b − K)`` and
+    ``orthogonality_variance = Σ_k Σ_{i∈k} (‖g_i‖² − ⟨g_i,u_k⟩²) / (b − K)`` over all ``K``
+    micro-batches of all ranks; with one micro-batch on one rank they are exact.
+
+    Distributed. When ``torch.distributed`` is initialised, :meth:`result` sums the accumulators
+    of all ranks with one ``all_reduce`` (it carries the per-parameter gradient sums, needed for
+    the exact ``‖ḡ‖²`` of the global batch), so every rank returns the same global statistics.
+    Call it on every rank.
+
+    Example::
+
+        stats = GradientStatistics(model)
+        with stats.capture():
+            F.cross_entropy(model(x), y).backward()
+        s = stats.result()
+        s.noise_scale  # 0-d float32 tensor on the model's device
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        *,
+        per_coordinate: bool = False,
+        num_groups: int | None = None,
+        fallback: str | None = None,
+        inner_products: bool = True,
+        grad_scaler: Any | None = None,
+        fuse_weight_grads: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if num_groups is not None and (
+            isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1
+        ):
+            raise ValueError(f"num_groups must be a positive int or None, got {num_groups!r}")
+        if fallback is not None and fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be None or one of {FALLBACKS}, got {fallback!r}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        self.model = model
+        self.loss_reduction = loss_reduction
+        self.per_coordinate = bool(per_coordinate)
+        self.num_groups = num_groups
+        self.fallback = fallback
+        self.inner_products = bool(inner_products)
+        self.grad_scaler = grad_scaler
+        self.fuse_weight_grads = bool(fuse_weight_grads)
+        self._target: dict[str, Tensor] | None = None
+        self._handles: list[Any] = []
+        self._current: _MicroBatch | None = None
+        self._mode = "per_sample"
+        self._sites = self._discover()
+        self.reset()
+
+    # ------------------------------------------------------------------ set-up
+    def _discover(self) -> list[_Site]:
+        sites: list[_Site] = []
+        owner: dict[int, str] = {}
+        for mname, module in self.model.named_modules():
+            params = {
+                pname: (f"{mname}.{pname}" if mname else pname, p)
+                for pname, p in module.named_parameters(recurse=False)
+                if p.requires_grad
+            }
+            if not params:
+                continue
+            for full, p in params.values():
+                if id(p) in owner:
+                    raise UnsupportedModuleError(
+                        f"parameter '{full}' is shared with '{owner[id(p)]}' (tied weights): "
+                        "per-sample norms would miss the cross terms between the two uses; untie "
+                        "them or pass fallback='groups'"
+                    )
+                owner[id(p)] = full
+            sites.append(_Site(mname or "<root>", module, find_rule(module), params))
+        return sites
+
+    def _unsupported(self) -> str | None:
+        """A message for the first module the exact hooks cannot handle, or None."""
+        for mname, module in self.model.named_modules():
+            if isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
+                return (
+                    f"module '{mname or '<root>'}' ({type(module).__name__}) normalises with batch "
+                    "statistics (training mode or track_running_stats=False), which couples the "
+                    "samples of a batch: per-sample gradients are not defined. Use GroupNorm or "
+                    "LayerNorm, put it in eval mode, or pass fallback='groups'"
+                )
+        for site in self._sites:
+            if site.rule is None:
+                return (
+                    f"module '{site.name}' ({type(site.module).__name__}) has trainable parameters "
+                    f"{sorted(site.params)} but no per-sample rule; supported: "
+                    f"{', '.join(SUPPORTED_MODULES)}. Freeze or replace it, or pass "
+                    "fallback='groups'"
+                )
+            try:
+                site.rule.check(site.name, site.module)
+            except UnsupportedModuleError as err:
+                return str(err)
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        for site in self._sites:
+            for _, p in site.params.values():
+                return p.device
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------ public API
+    def set_target(self, target: Mapping[str, Tensor] | None) -> None:
+        """Set the direction ``d`` (parameter name -> tensor) for ``group_grad_dots``; None clears.
+
+        Parameters absent from ``target`` count as zero.
+        """
+        if target is None:
+            self._target = None
+            return
+        names = {full: p for site in self._sites for full, p in site.params.values()}
+        out: dict[str, Tensor] = {}
+        for k, v in target.items():
+            if k not in names:
+                raise ValueError(f"set_target: unknown parameter name {k!r}")
+            if tuple(v.shape) != tuple(names[k].shape):
+                raise ValueError(
+                    f"set_target: {k!r} has shape {tuple(v.shape)}, parameter has "
+                    f"{tuple(names[k].shape)}"
+                )
+            out[k] = v.detach().to(device=names[k].device, dtype=torch.float32)
+        self._target = out
+
+    def reset(self) -> None:
+        """Forget everything captured since the last :meth:`result`."""
+        self._records: list[_MicroBatch] = []
+        self._grad_sums: dict[str, Tensor] = {}
+        self._coord: dict[str, Tensor] = {}
+
+    @contextlib.contextmanager
+    def capture(self, group_ids: Tensor | None = None) -> Iterator[GradientStatistics]:
+        """Hooks live only inside the block: run one micro-batch's forward and backward in it."""
+        self.attach(group_ids=group_ids)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def attach(self, group_ids: Tensor | None = None) -> None:
+        """Start capturing one micro-batch (the non-context form of :meth:`capture`)."""
+        if self._current is not None:
+            raise RuntimeError("GradientStatistics is already attached; call detach() first")
+        if self.num_groups is None and group_ids is not None:
+            raise ValueError("group_ids given but num_groups is None; set num_groups=G")
+        if self.num_groups is not None:
+            if group_ids is None:
+                raise ValueError("num_groups is set: pass group_ids, a (b,) int64 tensor")
+            if not isinstance(group_ids, Tensor) or group_ids.dim() != 1:
+                raise ValueError(
+                    f"group_ids must be a 1-D int64 tensor, got {type(group_ids).__name__} "
+                    f"of shape {tuple(getattr(group_ids, 'shape', ()))}"
+                )
+            if group_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+            group_ids = group_ids.to(self.device, torch.int64)
+        problem = self._unsupported()
+        self._mode = "per_sample"
+        if problem is not None:
+            if self.fallback is None:
+                raise UnsupportedModuleError(problem)
+            self._mode = "groups"
+        self._current = _MicroBatch(group_ids)
+        if self._mode == "groups":
+            # No layer hooks: the micro-batch size is axis 0 of the model's first tensor input.
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
+            )
+        for site in self._sites:
+            if self._mode == "per_sample":
+                if self.fuse_weight_grads:
+                    self._handles.append(
+                        site.module.register_forward_pre_hook(partial(self._on_pre_forward, site))
+                    )
+                self._handles.append(
+                    site.module.register_forward_hook(partial(self._on_forward, site))
+                )
+            for local, (full, p) in site.params.items():
+                self._handles.append(
+                    p.register_hook(partial(self._on_param_grad, site, local, full))
+                )
+
+    def detach(self) -> None:
+        """Stop capturing; the micro-batch counts if a backward pass reached the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        mb, self._current = self._current, None
+        if mb is not None:  # a forward that raised leaves parameters switched off: restore
+            for params in mb.toggled.values():
+                for _, p in params:
+                    p.requires_grad_(True)
+            mb.toggled.clear()
+        if mb is not None and mb.size is not None:
+            if mb.group_ids is not None and mb.group_ids.shape[0] != mb.size:
+                raise ValueError(
+                    f"group_ids has {mb.group_ids.shape[0]} entries but the micro-batch has "
+                    f"{mb.size} samples"
+                )
+            mb.pending.clear()
+            self._records.append(mb)
+
+    # ------------------------------------------------------------------ hooks
+    def _scale_factor(self) -> float:
+        """Raw micro-batch sums are weighted by m_k (mean) so that K·Σ_k m_k·raw_k = Σ_i g_i."""
+        mb = self._current
+        assert mb is not None and mb.size is not None
+        return float(mb.size) if self.loss_reduction == "mean" else 1.0
+
+    def _start(self, mb: _MicroBatch, size: int, name: str) -> None:
+        if mb.size is None:
+            mb.size = size
+            scaler = self.grad_scaler
+            if scaler is not None and getattr(scaler, "_enabled", True):
+                scale = getattr(scaler, "_scale", None)
+                if isinstance(scale, Tensor):
+                    mb.inv_scale = scale.detach().float().reciprocal().reshape(())
+                else:
+                    mb.inv_scale = torch.tensor(1.0 / float(scaler.get_scale()), device=self.device)
+        elif mb.size != size:
+            raise ValueError(
+                f"module '{name}' sees {size} samples on axis 0 but another layer saw {mb.size}; "
+                "GradientStatistics needs the sample axis first in every layer"
+            )
+
+    def _on_model_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mb = self._current
+        if mb is None or mb.size is not None or not torch.is_grad_enabled():
+            return
+        for leaf in tree_leaves((args, kwargs)):
+            if isinstance(leaf, Tensor) and leaf.dim() > 0:
+                self._start(mb, leaf.shape[0], "<root>")
+                return
+
+    def _on_forward(self, site: _Site, module: nn.Module, args: tuple, output: Any) -> Any:
+        mb = self._current
+        if mb is None or not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            return None
+        if not output.requires_grad and site.name not in mb.toggled:
+            return None
+        if site.name in mb.seen:
+            raise RuntimeError(
+                f"module '{site.name}' ran twice in one capture(): its per-sample gradient is the "
+                "sum of both uses and its norm needs their cross terms. Capture each forward "
+                "separately, avoid activation checkpointing, or pass fallback='groups'"
+            )
+        mb.seen.add(site.name)
+        a = args[0].detach() if args else None
+        if a is None:
+            raise RuntimeError(f"module '{site.name}' was called without a positional input")
+        toggled = mb.toggled.pop(site.name, None)
+        if toggled is not None:
+            for _, p in toggled:
+                p.requires_grad_(True)
+            handler = partial(self._on_fused_grad, site, a, [local for local, _ in toggled])
+            return _FusedWeightGrads.apply(output, handler, *[p for _, p in toggled])
+        output.register_hook(partial(self._on_output_grad, site, a))
+        return None
+
+    def _on_pre_forward(self, site: _Site, module: nn.Module, args: tuple) -> None:
+        mb = self._current
+        if mb is None or not torch.is_grad_enabled() or site.name in mb.seen:
+            return
+        if not args or not isinstance(args[0], Tensor) or site.rule is None:
+            return
+        if not site.rule.fusable(module, args[0]):
+            return
+        toggled = [(local, p) for local, (_, p) in site.params.items() if p.requires_grad]
+        for _, p in toggled:
+            p.requires_grad_(False)
+        mb.toggled[site.name] = toggled
+
+    def _on_fused_grad(
+        self, site: _Site, a: Tensor, locals_: list[str], grad: Tensor
+    ) -> tuple[Tensor, ...]:
+        rule = site.rule
+        assert rule is not None
+        d = grad.detach()
+        b = d.shape[0]
+        mb = self._current
+        with torch.autocast(device_type=d.device.type, enabled=False):
+            per = rule.per_sample_params(site.module, a, d, frozenset(locals_))
+            sums = {k: g.sum(0) for k, g in per.items()}
+            if mb is not None:  # else backward ran after detach(): only supply the gradients
+                self._start(mb, b, site.name)
+
+                # per-sample tensors may be permuted views: reduce over dims, never reshape
+                # (a reshape would copy with a bad stride pattern).
+                def rest(g: Tensor) -> tuple[int, ...]:
+                    return tuple(range(1, g.dim()))
+
+                sq = sum(g.square().sum(rest(g)) for g in per.values())
+                mb.sq = _add(mb.sq, sq)  # type: ignore[arg-type]
+                if self._target is not None:
+                    for k, g in per.items():
+                        t = self._target.get(site.params[k][0])
+                        if t is not None:
+                            mb.target_dots = _add(mb.target_dots, (g * t).sum(rest(g)))
+                if self.per_coordinate:
+                    w = self._scale_factor() ** 2
+                    for k, g in per.items():
+                        full = site.params[k][0]
+                        c = g.square().sum(0) * (
+                            w if mb.inv_scale is None else w * mb.inv_scale.square()
+                        )
+                        prev = self._coord.get(full)
+                        self._coord[full] = c if prev is None else prev + c
+                if self.inner_products:
+                    for k, g in per.items():
+                        mb.inner = _add(mb.inner, (g * sums[k]).sum(rest(g)))
+        params = {local: p for local, (_, p) in site.params.items()}
+        return tuple(sums[k].to(params[k].dtype) for k in locals_)
+
+    def _on_output_grad(self, site: _Site, a: Tensor, grad: Tensor) -> None:
+        mb = self._current
+        if mb is None:  # backward ran after detach(): nothing to record
+            return
+        rule = site.rule
+        assert rule is not None
+        module = site.module
+        self._start(mb, grad.shape[0], site.name)
+        d = grad.detach()
+        names = frozenset(site.params)
+        with torch.autocast(device_type=d.device.type, enabled=False):
+            mb.sq = _add(mb.sq, rule.sq_norms(module, a, d, names))
+            if self._target is not None:
+                dirs = {
+                    loc: self._target[f] for loc, (f, _) in site.params.items() if f in self._target
+                }
+                if dirs:
+                    mb.target_dots = _add(mb.target_dots, rule.dot(module, a, d, dirs))
+            if self.per_coordinate:
+                w = self._scale_factor() ** 2
+                for loc, c in rule.coordinate_sq(module, a, d, names).items():
+                    full = site.params[loc][0]
+                    c = c * (w if mb.inv_scale is None else w * mb.inv_scale.square())
+                    prev = self._coord.get(full)
+                    self._coord[full] = c if prev is None else prev + c
+        if self.inner_products:
+            mb.pending[site.name] = [a, d, len(site.params)]
+
+    def _on_param_grad(self, site: _Site, local: str, full: str, grad: Tensor) -> None:
+        mb = self._current
+        if mb is None:
+            return
+        if mb.size is None:
+            raise RuntimeError(
+                "GradientStatistics: a parameter gradient arrived before the micro-batch size was "
+                "known (no hooked layer and no tensor input to the model's forward)"
+            )
+        g = grad.detach()
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            g32 = g.float()
+            w = self._scale_factor()
+            contrib = g32 * w if mb.inv_scale is None else g32 * (mb.inv_scale * w)
+            prev = self._grad_sums.get(full)
+            self._grad_sums[full] = contrib if prev is None else prev + contrib
+            if self._mode == "groups" or self.inner_products:
+                mb.sum_sq = _add(mb.sum_sq, g32.square().sum())
+            pend = mb.pending.get(site.name)
+            if pend is not None:
+                a, d, left = pend
+                assert site.rule is not None
+                mb.inner = _add(mb.inner, site.rule.dot(site.module, a, d, {local: g32}))
+                if left <= 1:
+                    del mb.pending[site.name]
+                else:
+                    pend[2] = left - 1
+
+    # ------------------------------------------------------------------ result
+    def result(self, *, loss_divisor: float | None = None) -> StatisticsResult:
+        """Statistics of everything captured since the last result()/reset(); then reset.
+
+        Args:
+            loss_divisor: the number each micro-batch's loss was divided by. Default: the number
+                of captures for ``loss_reduction="mean"`` (the accumulation convention), 1 for
+                ``"sum"``. Lightning divides by ``accumulate_grad_batches`` even in a shorter
+                last window of an epoch: pass that number.
+        """
+        from adaptive.stats.fallback import group_variance
+
+        if self._current is not None:
+            raise RuntimeError("result() called while attached; call detach() first")
+        records = self._records
+        if not records:
+            raise RuntimeError(
+                "result(): nothing was captured; run forward and backward inside capture()"
+            )
+        device = self.device
+        f32 = torch.float32
+        k_local = len(records)
+        if loss_divisor is None:
+            mult = float(k_local) if self.loss_reduction == "mean" else 1.0
+        elif (
+            isinstance(loss_divisor, bool)
+            or not isinstance(loss_divisor, (int, float))
+            or not (loss_divisor > 0)
+        ):
+            raise ValueError(f"loss_divisor must be a positive number, got {loss_divisor!r}")
+        else:
+            mult = float(loss_divisor)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        per_sample = self._mode == "per_sample"
+
+        def c(mb: _MicroBatch) -> float:  # g_i = c_k · raw_i
+            return (mb.size if self.loss_reduction == "mean" else 1.0) * mult
+
+        def inv(mb: _MicroBatch) -> Tensor | float:
+            return 1.0 if mb.inv_scale is None else mb.inv_scale
+
+        # ---- local accumulators (all additive across ranks)
+        names = sorted(self._grad_sums)
+        grad_sums = [self._grad_sums[n].reshape(-1) * mult for n in names]
+        count = torch.tensor(float(sum(mb.size for mb in records)), device=device, dtype=f32)
+        n_groups_k = torch.tensor(float(k_local), device=device, dtype=f32)
+        scalars: list[Tensor] = [count, n_groups_k]
+        sq_list: list[Tensor] = []
+        if per_sample:
+            sq_list = [mb.sq * (c(mb) ** 2) * (inv(mb) ** 2) for mb in records]  # type: ignore[operator]
+            per_sample_sq = torch.cat(sq_list).to(f32)
+            scalars.append(per_sample_sq.sum())
+            if self.inner_products:
+                within = torch.zeros((), device=device, dtype=f32)
+                proj_sq = torch.zeros((), device=device, dtype=f32)
+                for mb in records:
+                    assert mb.inner is not None and mb.sum_sq is not None
+                    y = mb.inner * (c(mb) * inv(mb)) * torch.rsqrt(mb.sum_sq.clamp_min(1e-30))
+                    within = within + (y.square().sum() - y.sum().square() / mb.size)
+                    proj_sq = proj_sq + y.square().sum()
+                scalars += [within, proj_sq]
+        else:
+            q = torch.zeros((), device=device, dtype=f32)
+            for mb in records:
+                assert mb.sum_sq is not None
+                q = q + mb.sum_sq * (c(mb) ** 2 / mb.size) * (inv(mb) ** 2)
+            scalars.append(q)
+        vectors: list[Tensor] = []
+        if self.num_groups is not None:
+            gn = self.num_groups
+            ids = torch.cat([mb.group_ids for mb in records])  # type: ignore[misc]
+            counts = torch.zeros(gn, device=device, dtype=f32).index_add_(
+                0, ids, torch.ones(ids.shape[0], device=device, dtype=f32)
+            )
+            vectors.append(counts)
+            if per_sample:
+                vectors.append(
+                    torch.zeros(gn, device=device, dtype=f32).index_add_(0, ids, per_sample_sq)
+                )
+                if self._target is not None:
+                    dots = torch.cat(
+                        [
+                            (
+                                mb.target_dots
+                                if mb.target_dots is not None
+                                else torch.zeros(mb.size, device=device)
+                            )
+                            * (c(mb) * inv(mb))
+                            for mb in records
+                        ]
+                    ).to(f32)
+                    vectors.append(
+                        torch.zeros(gn, device=device, dtype=f32).index_add_(0, ids, dots)
+                    )
+        coord_names = sorted(self._coord) if self.per_coordinate and per_sample else []
+        coords = [self._coord[n].reshape(-1) * (mult**2) for n in coord_names]
+
+        flat_parts = [s.reshape(1) for s in scalars] + vectors + grad_sums + coords
+        sizes = [t.numel() for t in flat_parts]
+        flat = torch.cat([t.to(f32) for t in flat_parts])
+        if world > 1:
+            dist.all_reduce(flat)
+        parts = list(torch.split(flat, sizes))
+        n_sc = len(scalars)
+        sc = [p.reshape(()) for p in parts[:n_sc]]
+        vec = parts[n_sc : n_sc + len(vectors)]
+        gs = parts[n_sc + len(vectors) : n_sc + len(vectors) + len(grad_sums)]
+        cs = parts[n_sc + len(vectors) + len(grad_sums) :]
+
+        b = sc[0]
+        k_total = sc[1]
+        grad_sq = torch.zeros((), device=device, dtype=f32)
+        for t in gs:
+            grad_sq = grad_sq + t.square().sum()
+        grad_sq = grad_sq / b.square()
+
+        res: dict[str, Any] = {}
+        if per_sample:
+            ss = sc[2]
+            variance = (ss - b * grad_sq) / (b - 1)
+            res.update(per_sample_sq_norms=per_sample_sq, sum_sq_norms=ss)
+            if self.inner_products:
+                dof = b - k_total
+                res["inner_product_variance"] = grad_sq * sc[3] / dof
+                res["orthogonality_variance"] = (ss - sc[4]) / dof
+        else:
+            variance = group_variance(sc[2], grad_sq, b, k_total)
+            res.update(per_sample_sq_norms=None, sum_sq_norms=None)
+        if self.num_groups is not None:
+            res["group_counts"] = vec[0]
+            if per_sample:
+                res["group_sum_sq_norms"] = vec[1]
+                if self._target is not None:
+                    res["group_grad_dots"] = vec[2]
+        if self.per_coordinate:
+            res["mean_grads"] = {
+                n: (t / b).reshape(self._grad_sums[n].shape) for n, t in zip(names, gs, strict=True)
+            }
+            if per_sample:
+                res["coordinate_sq_sums"] = {
+                    n: t.reshape(self._coord[n].shape) for n, t in zip(coord_names, cs, strict=True)
+                }
+        local_b = sum(mb.size for mb in records)
+        out = StatisticsResult(
+            batch_size=int(local_b * world),
+            grad_sq_norm=grad_sq,
+            variance=variance,
+            noise_scale=variance / grad_sq,
+            num_micro_batches=k_local,
+            world_size=world,
+            method=self._mode,
+            **res,
+        )
+        self.reset()
+        return out

@@ -1,0 +1,383 @@
+"""Overhead of the per-step gradient statistics against a plain step and against peer libraries.
+
+Times, in one process and interleaved round by round, one training step (forward, backward,
+statistics) of:
+
+- ``plain``: forward + backward;
+- ``ours_norms``: the same inside ``GradientStatistics(inner_products=False).capture()`` plus
+  ``result()`` (per-sample norms, ``‖ḡ‖²``, variance, noise scale);
+- ``ours_norms_unfused``: the same with ``fuse_weight_grads=False`` (autograd computes every
+  weight gradient; the sensor only adds its per-sample work);
+- ``ours_all``: the same with inner-product and orthogonality variances;
+- ``vmap``: torch.func per-sample gradients (functional_call + vmap(grad)), their norms, and ``.grad``
+  set to their mean, the pattern of the AdAdaGrad reference code;
+- ``opacus``: Opacus ``GradSampleModule`` (per-sample gradients by hooks), then their norms;
+- ``backpack``: BackPACK ``BatchL2Grad`` (per-sample squared norms) during the backward.
+
+Models: ``cnn`` (a small CNN on 28×28 inputs) and ``block`` (a small pre-norm transformer block
+with Embedding, LayerNorm, attention and sequence-axis Linear layers; BackPACK has no LayerNorm,
+so it is skipped there); ``resnet18gn`` (ResNet-18 with GroupNorm, 32×32 inputs) for a GPU.
+
+Per round, each method runs ``--steps`` timed steps after a warm-up; the ratio to ``plain`` is
+taken within the round, and the median over rounds is reported. On a CPU shared with other
+jobs, wall time mostly measures the neighbours: the default clock there is this process's CPU
+time (use ``--threads 1`` with it, so idle-spinning worker threads are not counted). On CUDA, one captured step runs
+under ``torch.cuda.set_sync_debug_mode("error")`` to show the capture does not synchronise.
+
+Usage::
+
+    python benchmarks/stats_overhead.py --device cpu --rounds 7 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from adaptive.stats import GradientStatistics
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# ----------------------------------------------------------------------------- models
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+class Block(nn.Module):
+    """Embedding, pre-norm causal attention from Linear layers, MLP, sequence-axis head."""
+
+    def __init__(self, vocab: int = 512, dim: int = 128, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Embedding(vocab, dim)
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        h = self.emb(ids)
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+        q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.proj(att.transpose(1, 2).reshape(b, t, -1))
+        h = h + self.fc2(F.gelu(self.fc1(self.ln2(h))))
+        return self.head(h)
+
+
+def resnet18_gn() -> nn.Module:
+    from torchvision.models import resnet18
+
+    return resnet18(num_classes=10, norm_layer=lambda c: nn.GroupNorm(32, c))
+
+
+def seq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def make_case(name: str, batch: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    if name == "cnn":
+        x = torch.randn(batch, 1, 28, 28, generator=g)
+        y = torch.randint(0, 10, (batch,), generator=g)
+        return small_cnn, F.cross_entropy, x.to(device), y.to(device)
+    if name == "block":
+        x = torch.randint(0, 512, (batch, 64), generator=g)
+        y = torch.randint(0, 512, (batch, 64), generator=g)
+        return Block, seq_loss, x.to(device), y.to(device)
+    if name == "resnet18gn":
+        x = torch.randn(batch, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (batch,), generator=g)
+        return resnet18_gn, F.cross_entropy, x.to(device), y.to(device)
+    raise ValueError(f"unknown model {name!r}")
+
+
+# ----------------------------------------------------------------------------- methods
+def build_methods(factory, loss_fn, x, y, device) -> dict[str, Callable[[], object]]:
+    torch.manual_seed(0)
+    base = factory().to(device)
+    methods: dict[str, Callable[[], object]] = {}
+
+    plain = copy.deepcopy(base)
+
+    def run_plain():
+        plain.zero_grad(set_to_none=True)
+        loss_fn(plain(x), y).backward()
+
+    methods["plain"] = run_plain
+
+    for label, inner, fuse in (
+        ("ours_norms", False, True),
+        ("ours_norms_unfused", False, False),
+        ("ours_all", True, True),
+    ):
+        model = copy.deepcopy(base)
+        stats = GradientStatistics(model, inner_products=inner, fuse_weight_grads=fuse)
+
+        def run_ours(model=model, stats=stats):
+            model.zero_grad(set_to_none=True)
+            with stats.capture():
+                loss_fn(model(x), y).backward()
+            return stats.result().noise_scale
+
+        methods[label] = run_ours
+
+    from torch.func import functional_call, grad, vmap
+
+    vm = copy.deepcopy(base)
+    buffers = dict(vm.named_buffers())
+
+    def one(p, xi, yi):
+        return loss_fn(functional_call(vm, (p, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0))
+
+    def run_vmap():
+        params = {k: v.detach() for k, v in vm.named_parameters()}
+        gs = per_sample(params, x, y)
+        norms = sum(g.reshape(g.shape[0], -1).square().sum(1) for g in gs.values())
+        for k, p in vm.named_parameters():
+            p.grad = gs[k].mean(0)
+        return norms
+
+    methods["vmap"] = run_vmap
+
+    try:
+        from opacus import GradSampleModule
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            op = GradSampleModule(copy.deepcopy(base), loss_reduction="mean")
+
+        def run_opacus():
+            op.zero_grad(set_to_none=True)
+            for p in op.parameters():
+                p.grad_sample = None
+            loss_fn(op(x), y).backward()
+            return sum(
+                p.grad_sample.reshape(p.grad_sample.shape[0], -1).square().sum(1)
+                for p in op.parameters()
+            )
+
+        methods["opacus"] = run_opacus
+    except Exception as err:  # a peer that cannot handle the model is reported, not fatal
+        print(f"opacus unavailable: {err}", file=sys.stderr)
+
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import BatchL2Grad
+
+        if any(isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.Embedding)) for m in base.modules()):
+            raise TypeError("BackPACK BatchL2Grad has no LayerNorm/GroupNorm/Embedding support")
+        bp = extend(copy.deepcopy(base))
+        bp_loss = extend(nn.CrossEntropyLoss())
+
+        def run_backpack():
+            bp.zero_grad(set_to_none=True)
+            with backpack(BatchL2Grad()):
+                bp_loss(bp(x), y).backward()
+            return sum(p.batch_l2 for p in bp.parameters())
+
+        methods["backpack"] = run_backpack
+    except Exception as err:
+        print(f"backpack skipped: {err}", file=sys.stderr)
+    return methods
+
+
+def sync_free_capture(factory, loss_fn, x, y, device) -> bool | None:
+    """Run one capture under torch.cuda.set_sync_debug_mode('error'); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.manual_seed(0)
+    model = factory().to(device)
+    stats = GradientStatistics(model)
+    loss_fn(model(x), y).backward()  # warm-up outside the check (lazy init may sync)
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with stats.capture():
+            loss_fn(model(x), y).backward()
+        ok = True
+    except RuntimeError as err:
+        print(f"sync inside capture: {err}", file=sys.stderr)
+        ok = False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stats.reset()
+    return ok
+
+
+def time_steps(fn: Callable[[], object], steps: int, device: torch.device, clock: str) -> float:
+    """Seconds per step: wall time, or this process's CPU time (robust on a shared CPU)."""
+    now = time.process_time if clock == "process" else time.perf_counter
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = now()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (now() - t0) / steps
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    out: dict = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "note": args.note,
+        },
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "settings": {
+            "rounds": args.rounds,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "clock": args.clock,
+        },
+        "models": {},
+    }
+    for pkg in ("opacus", "backpack"):
+        with contextlib.suppress(Exception):
+            out["versions"][pkg] = __import__(pkg).__version__
+    for name, batch in zip(args.models, args.batches, strict=True):
+        factory, loss_fn, x, y = make_case(name, batch, device)
+        methods = build_methods(factory, loss_fn, x, y, device)
+        for fn in methods.values():
+            for _ in range(args.warmup):
+                fn()
+        times: dict[str, list[float]] = {k: [] for k in methods}
+        ratios: dict[str, list[float]] = {k: [] for k in methods}
+        order = list(methods)
+        for r in tqdm(range(args.rounds), desc=f"{name} b={batch}"):
+            rot = order[r % len(order) :] + order[: r % len(order)]  # rotate who goes first
+            this = {k: time_steps(methods[k], args.steps, device, args.clock) for k in rot}
+            for k, v in this.items():
+                times[k].append(v)
+                ratios[k].append(v / this["plain"])
+        out["models"][name] = {
+            "batch": batch,
+            "sync_free_capture": sync_free_capture(factory, loss_fn, x, y, device),
+            "methods": {
+                k: {
+                    "median_step_ms": 1e3 * statistics.median(times[k]),
+                    "ratio_to_plain_median": statistics.median(ratios[k]),
+                    "ratio_to_plain_min": min(ratios[k]),
+                    "ratio_to_plain_max": max(ratios[k]),
+                }
+                for k in methods
+            },
+        }
+    return out
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [
+        "# Gradient statistics overhead",
+        "",
+        f"- date: {res['date']}",
+        f"- machine: {m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
+        f"device {m['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in res['versions'].items())}",
+        f"- {res['settings']['rounds']} interleaved rounds × {res['settings']['steps']} steps, "
+        f"{res['settings']['clock']} clock; "
+        "ratio = step time / plain forward+backward in the same round, median (min–max) over rounds",
+    ]
+    if m.get("note"):
+        lines.append(f"- note: {m['note']}")
+    for name, r in res["models"].items():
+        lines += [
+            "",
+            f"## {name}, batch {r['batch']}",
+            "",
+            "| method | step (ms) | × plain (median) | min–max |",
+            "|---|---:|---:|---:|",
+        ]
+        for k, v in r["methods"].items():
+            lines.append(
+                f"| {k} | {v['median_step_ms']:.2f} | {v['ratio_to_plain_median']:.2f} | "
+                f"{v['ratio_to_plain_min']:.2f}–{v['ratio_to_plain_max']:.2f} |"
+            )
+        if r["sync_free_capture"] is not None:
+            lines.append(
+                f"\nsync-free capture (set_sync_debug_mode='error'): {r['sync_free_capture']}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", nargs="+", default=["cnn", "block"])
+    p.add_argument("--batches", nargs="+", type=int, default=None, help="one per model")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "process"],
+        default=None,
+        help="wall time, or process CPU time (default: process on CPU, wall on CUDA)",
+    )
+    p.add_argument("--note", default="", help="free text stored with the results")
+    p.add_argument("--out", default=str(RESULTS / "stats_overhead"), help="path without suffix")
+    args = p.parse_args()
+    defaults = {"cnn": 128, "block": 32, "resnet18gn": 256}
+    if args.batches is None:
+        args.batches = [defaults[m] for m in args.models]
+    if len(args.batches) != len(args.models):
+        p.error("--batches needs one value per model")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock is None:
+        args.clock = "wall" if args.device.startswith("cuda") else "process"
+    res = run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
