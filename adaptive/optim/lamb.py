@@ -1,0 +1,468 @@
+"""LAMB: layer-wise adaptive moments (You et al. 2019, arXiv 1904.00962, Algorithm 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._common import (
+    DEFAULT_CPU_BLOCK,
+    check_betas,
+    check_cpu_block,
+    check_foreach,
+    check_interval,
+    check_number,
+    dense_grad,
+    fp32_view,
+    restore_state_dtypes,
+    state_dtype,
+)
+
+__all__ = ["Lamb"]
+
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+class Lamb(Optimizer):
+    r"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76
+    minutes", arXiv 1904.00962, Algorithm 2).
+
+    For every parameter tensor :math:`x` with gradient :math:`g`, at step :math:`t`:
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2
+
+        \hat m = m_t / (1-\beta_1^t), \qquad \hat v = v_t / (1-\beta_2^t)
+
+        r = \hat m / (\sqrt{\hat v} + \epsilon), \qquad u = r + \lambda x
+
+        x \leftarrow x - \eta \, \frac{\phi(\lVert x \rVert)}{\lVert u \rVert} \, u
+
+    with :math:`\phi` the identity and the ratio replaced by 1 where :math:`\lVert x\rVert = 0` or
+    :math:`\lVert u\rVert = 0` (the rule of the authors' TensorFlow code, so zero-initialised
+    tensors can learn). With every option at its default this is exactly the paper's algorithm
+    for every tensor it is given: no gradient clipping, weight decay inside the trust ratio.
+
+    The public implementations depart from the paper in different ways; each departure is an
+    explicit option here:
+
+    - ``max_grad_norm``: divide all gradients by ``max(1, ‖g‖_global / max_grad_norm)``, the norm
+      taken over every parameter of every group (apex and timm default to 1.0).
+    - ``trust_clip=(lo, hi)``: clamp the ratio :math:`\phi(\lVert x\rVert)/\lVert u\rVert` to
+      [lo, hi] (timm's LAMBC is ``(0, 1)``, DeepSpeed's ``(0.01, 10)``). The fallback ratio 1 of a
+      zero norm is not clamped.
+    - ``weight_norm_clip=(γ_l, γ_u)``: the paper's general
+      :math:`\phi(z) = \min(\max(z, γ_l), γ_u)`.
+    - ``bias_correction=False``: use :math:`m_t, v_t` in place of :math:`\hat m, \hat v` (paper v3,
+      jettify's default).
+    - ``decoupled_decay=True``: AdamW-style decay outside the ratio, as timm and
+      pytorch-optimizer do it: :math:`x' = (1-\eta\lambda) x`, :math:`u = r`, and
+      :math:`x \leftarrow x' - \eta\,\phi(\lVert x'\rVert)/\lVert r\rVert\, r`.
+    - ``adapt_without_decay=False``: groups whose ``weight_decay`` is 0 take the plain step
+      (ratio 1), as apex (without ``use_nvlamb``) and timm (without ``always_adapt``) do.
+    - ``adapt=False`` (usually per group, see :func:`param_groups_for`): ratio 1 for that group.
+
+    The step counts live on the parameter's device, so no step reads a value back to the host.
+    Parameters in bf16/fp16 keep fp32 moments; the step is computed in fp32 and written back.
+
+    Two implementations compute the same numbers: the reference (``foreach=False``), a readable
+    loop over tensors that follows the formula above, and the default fast path
+    (``foreach=None`` or ``True``): ``torch._foreach_*`` over all tensors of a group with the
+    bias corrections folded into per-tensor scalars and the trust ratios taken with
+    ``torch.where``. On CPU the fast path walks each tensor in pieces of ``cpu_block`` elements
+    and runs every elementwise op on a piece while it is in cache (``cpu_block=0`` turns this
+    off); it keeps one parameter-sized fp32 scratch buffer between steps, because freshly
+    allocated temporaries cost a page fault per 4 KiB on CPU.
+
+    Args:
+        params: parameters or parameter groups (see :func:`param_groups_for`).
+        lr: learning rate :math:`\eta` (>= 0).
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
+        eps: :math:`\epsilon` (> 0), added to :math:`\sqrt{\hat v}`.
+        weight_decay: :math:`\lambda` (>= 0).
+        adapt: apply the trust ratio (group option).
+        bias_correction: divide the moments by :math:`1-\beta^t` (group option).
+        decoupled_decay: decay outside the trust ratio (group option, see above).
+        adapt_without_decay: if False, skip the ratio in groups with ``weight_decay == 0``.
+        weight_norm_clip: ``None`` (φ identity) or ``(γ_l, γ_u)`` (group option).
+        trust_clip: ``None`` or ``(lo, hi)`` bounds on the ratio (group option).
+        max_grad_norm: ``None`` (no clipping) or the global gradient-norm bound (> 0).
+        foreach: ``None``/``True`` fast path, ``False`` reference path.
+        cpu_block: elements per cache piece on CPU (0 = plain foreach over whole tensors).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = Lamb(param_groups_for(model, weight_decay=0.01), lr=1e-3)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        *,
+        adapt: bool = True,
+        bias_correction: bool = True,
+        decoupled_decay: bool = False,
+        adapt_without_decay: bool = True,
+        weight_norm_clip: tuple[float, float] | None = None,
+        trust_clip: tuple[float, float] | None = None,
+        max_grad_norm: float | None = None,
+        foreach: bool | None = None,
+        cpu_block: int = DEFAULT_CPU_BLOCK,
+    ) -> None:
+        if max_grad_norm is not None:
+            max_grad_norm = check_number("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
+        self.max_grad_norm = max_grad_norm
+        self.foreach = check_foreach(foreach)
+        self.cpu_block = check_cpu_block(cpu_block)
+        self._scratch: dict[int, Tensor] = {}
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            adapt=adapt,
+            bias_correction=bias_correction,
+            decoupled_decay=decoupled_decay,
+            adapt_without_decay=adapt_without_decay,
+            weight_norm_clip=weight_norm_clip,
+            trust_clip=trust_clip,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["lr"] = check_number("lr", group["lr"], low=0.0)
+        group["betas"] = check_betas("betas", group["betas"])
+        group["eps"] = check_number("eps", group["eps"], low=0.0, low_open=True)
+        group["weight_decay"] = check_number("weight_decay", group["weight_decay"], low=0.0)
+        for key in ("adapt", "bias_correction", "decoupled_decay", "adapt_without_decay"):
+            if not isinstance(group[key], bool):
+                raise TypeError(f"{key} must be a bool, got {group[key]!r}")
+        group["weight_norm_clip"] = check_interval("weight_norm_clip", group["weight_norm_clip"])
+        group["trust_clip"] = check_interval("trust_clip", group["trust_clip"])
+        for p in group["params"]:
+            if not p.is_floating_point():
+                raise ValueError(f"Lamb needs floating-point parameters, got dtype {p.dtype}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(
+            max_grad_norm=self.max_grad_norm, foreach=self.foreach, cpu_block=self.cpu_block
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._scratch = {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict, _STATE_KEYS)
+
+    def _clip_divisor(self) -> Tensor | None:
+        """``max(1, ‖g‖/max_grad_norm)`` over all gradients of all groups, as a device tensor."""
+        if self.max_grad_norm is None:
+            return None
+        grads = [
+            g
+            for gi, group in enumerate(self.param_groups)
+            for pi, p in enumerate(group["params"])
+            if (g := dense_grad("Lamb", p, gi, pi)) is not None
+        ]
+        if not grads:
+            return None
+        device = grads[0].device
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        return torch.clamp(total / self.max_grad_norm, min=1.0)
+
+    def _scratch_for(self, p: Tensor) -> Tensor:
+        buf = self._scratch.get(id(p))
+        dtype = state_dtype(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != dtype or buf.device != p.device:
+            buf = torch.empty_like(p, dtype=dtype)
+            self._scratch[id(p)] = buf
+        return buf
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One LAMB step for every parameter that has a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        clip = self._clip_divisor()
+        fast = self.foreach is not False
+        for gi, group in enumerate(self.param_groups):
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            for pi, p in enumerate(group["params"]):
+                g = dense_grad("Lamb", p, gi, pi)
+                if g is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p))
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p))
+                params.append(p)
+                grads.append(g)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            hp = _hyper(group, clip)
+            if fast:
+                _lamb_fast(self, params, grads, exp_avgs, exp_avg_sqs, steps, hp)
+            else:
+                _lamb_reference(params, grads, exp_avgs, exp_avg_sqs, steps, hp)
+        return loss
+
+
+def _hyper(group: dict[str, Any], clip: Tensor | None) -> dict[str, Any]:
+    wd = group["weight_decay"]
+    return dict(
+        lr=group["lr"],
+        beta1=group["betas"][0],
+        beta2=group["betas"][1],
+        eps=group["eps"],
+        weight_decay=wd,
+        adapt=group["adapt"] and (group["adapt_without_decay"] or wd != 0.0),
+        bias_correction=group["bias_correction"],
+        decoupled=group["decoupled_decay"],
+        weight_norm_clip=group["weight_norm_clip"],
+        trust_clip=group["trust_clip"],
+        clip=clip,
+    )
+
+
+def _trust_ratio(w_norm: Tensor, u_norm: Tensor, weight_norm_clip: Any, trust_clip: Any) -> Tensor:
+    """phi(‖x‖)/‖u‖ (clamped if asked), 1 where either norm is 0; elementwise on norm tensors."""
+    phi = w_norm if weight_norm_clip is None else w_norm.clamp(*weight_norm_clip)
+    ratio = phi / u_norm
+    if trust_clip is not None:
+        ratio = ratio.clamp(*trust_clip)
+    return torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
+
+
+def _lamb_reference(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    hp: dict[str, Any],
+) -> None:
+    """Readable per-tensor LAMB, written as the formula in the class docstring."""
+    lr, beta1, beta2, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["weight_decay"]
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        step.add_(1)
+        x = p.to(m.dtype)
+        g = g.to(m.dtype)
+        if hp["clip"] is not None:
+            g = g / hp["clip"].to(g.device)
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).add_(g * g, alpha=1 - beta2)
+        if hp["bias_correction"]:
+            t = step.to(m.dtype)
+            m_hat = m / (1 - beta1**t)
+            v_hat = v / (1 - beta2**t)
+        else:
+            m_hat, v_hat = m, v
+        r = m_hat / (v_hat.sqrt() + hp["eps"])
+        if hp["decoupled"]:
+            x = (1 - lr * wd) * x  # decay first, the ratio sees the decayed weights
+            u = r
+        else:
+            u = r + wd * x
+        if hp["adapt"]:
+            ratio = _trust_ratio(
+                torch.linalg.vector_norm(x),
+                torch.linalg.vector_norm(u),
+                hp["weight_norm_clip"],
+                hp["trust_clip"],
+            )
+        else:
+            ratio = 1.0
+        p.copy_(x - lr * ratio * u)
+
+
+def _split_by_device_dtype(params: list[Tensor]) -> dict[tuple[Any, Any], list[int]]:
+    buckets: dict[tuple[Any, Any], list[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, p.dtype), []).append(i)
+    return buckets
+
+
+def _lamb_fast(
+    opt: Lamb,
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    hp: dict[str, Any],
+) -> None:
+    """Fast LAMB for one group: the same numbers as :func:`_lamb_reference`, fewer memory passes.
+
+    The bias corrections are folded into two per-tensor scalars computed on the device from the
+    step counts: with ``k = √bc2/bc1`` and ``e = ε·√bc2``, ``m̂/(√v̂+ε) = k·m/(√v+e)``. The
+    kernels build ``w = u/k = m/(√v+e) + (λ/k)·x``; the step ``ratio·u`` is then
+    ``ratio·k·w`` with ``‖u‖ = k‖w‖``, so ``k`` costs no pass over the tensors.
+    """
+    lr, beta1, beta2, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["weight_decay"]
+    wd_in = 0.0 if hp["decoupled"] else wd  # decay inside the update u
+    shrink = 1.0 - lr * wd if hp["decoupled"] else 1.0  # decoupled decay x' = shrink * x
+    for (device, dtype), idx in _split_by_device_dtype(params).items():
+        xs = [params[i] for i in idx]
+        gs = [grads[i] for i in idx]
+        ms = [exp_avgs[i] for i in idx]
+        vs = [exp_avg_sqs[i] for i in idx]
+        st = [steps[i] for i in idx]
+        torch._foreach_add_(st, 1.0)
+        if hp["bias_correction"]:
+            s = torch.stack(st).to(ms[0].dtype)  # fp64 params get fp64 corrections
+            bc1 = 1 - torch.pow(beta1, s)
+            sqrt_bc2 = (1 - torch.pow(beta2, s)).sqrt()
+            k: Tensor | None = sqrt_bc2 / bc1
+            eps_s: list[Any] = list((hp["eps"] * sqrt_bc2).unbind())
+            wd_s: list[Any] = list((wd_in * bc1 / sqrt_bc2).unbind())
+        else:
+            k = None
+            eps_s = [hp["eps"]] * len(idx)
+            wd_s = [wd_in] * len(idx)
+        clip = None if hp["clip"] is None else hp["clip"].to(device)
+        low = dtype not in (torch.float32, torch.float64)
+        if device.type == "cpu" and opt.cpu_block > 0:
+            ws, x_norms, w_norms = _moments_and_update_blocked(
+                opt, xs, gs, ms, vs, eps_s, wd_s, clip, hp, wd_in != 0.0, low
+            )
+            x32 = None
+        else:
+            x32 = [fp32_view(x) for x in xs]
+            g32 = [fp32_view(g) for g in gs]
+            if clip is not None:
+                g32 = torch._foreach_div(g32, clip)
+            torch._foreach_lerp_(ms, g32, 1 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, g32, g32, value=1 - beta2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, eps_s)
+            ws = torch._foreach_div(ms, denom)
+            del denom
+            if wd_in != 0.0:
+                if k is None:
+                    torch._foreach_add_(ws, x32, alpha=wd_in)
+                else:
+                    torch._foreach_addcmul_(ws, x32, wd_s)
+            x_norms = w_norms = None
+            if hp["adapt"]:
+                x_norms = torch.stack(torch._foreach_norm(x32))
+                w_norms = torch.stack(torch._foreach_norm(ws))
+        _apply_update(xs, x32, ws, k, x_norms, w_norms, hp, shrink, low)
+
+
+def _moments_and_update_blocked(
+    opt: Lamb,
+    xs: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    eps_s: list[Any],
+    wd_s: list[Any],
+    clip: Tensor | None,
+    hp: dict[str, Any],
+    decay_inside: bool,
+    low: bool,
+) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
+    """CPU: update the moments and write ``w`` into scratch, one cache-sized piece at a time.
+
+    Every op of a piece reads what the previous op left in cache, so each tensor is streamed
+    from memory about once here and once more when the update is applied.
+    """
+    beta1, beta2, block = hp["beta1"], hp["beta2"], opt.cpu_block
+    ws: list[Tensor] = []
+    x_norms: list[Tensor] = []
+    w_norms: list[Tensor] = []
+    for i, (x, g, m, v) in enumerate(zip(xs, gs, ms, vs, strict=True)):
+        w = opt._scratch_for(x)
+        ws.append(w)
+        tensors = (x, g, m, v, w)
+        if all(t.is_contiguous() for t in tensors) and x.numel() > block:
+            flat = [t.view(-1) for t in tensors]
+            pieces = [[t[a : a + block] for t in flat] for a in range(0, x.numel(), block)]
+        else:
+            pieces = [list(tensors)]
+        x_sq: list[Tensor] = []
+        w_sq: list[Tensor] = []
+        for xp, gp, mp, vp, wp in pieces:
+            if low:
+                xp, gp = xp.float(), gp.float()
+            if clip is not None:
+                gp = gp / clip
+            mp.lerp_(gp, 1 - beta1)
+            vp.mul_(beta2).addcmul_(gp, gp, value=1 - beta2)
+            torch.sqrt(vp, out=wp)
+            wp.add_(eps_s[i])
+            torch.div(mp, wp, out=wp)
+            if decay_inside and isinstance(wd_s[i], Tensor):
+                wp.addcmul_(xp, wd_s[i])
+            elif decay_inside:
+                wp.add_(xp, alpha=wd_s[i])
+            if hp["adapt"]:
+                x_sq.append(torch.linalg.vector_norm(xp))
+                w_sq.append(torch.linalg.vector_norm(wp))
+        if hp["adapt"]:
+            if len(x_sq) == 1:
+                x_norms.append(x_sq[0])
+                w_norms.append(w_sq[0])
+            else:
+                x_norms.append(torch.linalg.vector_norm(torch.stack(x_sq)))
+                w_norms.append(torch.linalg.vector_norm(torch.stack(w_sq)))
+    if not hp["adapt"]:
+        return ws, None, None
+    return ws, torch.stack(x_norms), torch.stack(w_norms)
+
+
+def _apply_update(
+    xs: list[Tensor],
+    x32: list[Tensor] | None,
+    ws: list[Tensor],
+    k: Tensor | None,
+    x_norms: Tensor | None,
+    w_norms: Tensor | None,
+    hp: dict[str, Any],
+    shrink: float,
+    low: bool,
+) -> None:
+    """x <- shrink * x - lr * ratio * k * w (u = k * w), in fp32, written back to low precision."""
+    lr = hp["lr"]
+    coefs: list[Tensor] | None = None
+    if x_norms is not None and w_norms is not None:
+        u_norms = w_norms if k is None else w_norms * k
+        ratio = _trust_ratio(
+            x_norms * abs(shrink), u_norms, hp["weight_norm_clip"], hp["trust_clip"]
+        )
+        coefs = list((ratio * -lr if k is None else ratio * k * -lr).unbind())
+    elif k is not None:
+        coefs = list((k * -lr).unbind())
+    targets = ([x.float() for x in xs] if x32 is None else x32) if low else xs
+    if shrink != 1.0:
+        torch._foreach_mul_(targets, shrink)
+    if coefs is not None:
+        torch._foreach_addcmul_(targets, ws, coefs)
+    else:
+        torch._foreach_add_(targets, ws, alpha=-lr)
+    if low:
+        torch._foreach_copy_(xs, targets)
