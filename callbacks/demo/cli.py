@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import logging
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,8 +97,17 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_lightning() -> None:
+    """Keep the progress bar and the table; drop Lightning's start-up banners and tips."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_lightning()
     if args.command == "runs":
         for name, run in RUNS.items():
             print(f"{name:20s} {run.description}")

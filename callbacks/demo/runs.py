@@ -62,10 +62,62 @@ def _adagrad(params: list[nn.Parameter], ctx: RunContext) -> torch.optim.Optimiz
     return torch.optim.Adagrad(params, lr=0.01)
 
 
+def _sgd_momentum(params: list[nn.Parameter], ctx: RunContext) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def _power_schedule(opt: torch.optim.Optimizer, ctx: RunContext) -> dict[str, Any]:
+    from adaptive.schedules import PowerScheduler
+
+    total = ctx.total_samples  # images carry no token notion: tokens = samples
+    warmup = total // 20
+    # a chosen so that beta * a * n^b reaches lr_max at the end of warmup at beta = 128
+    lr_max, b = 0.1, -0.51
+    a = lr_max / (128 * warmup**b)
+    schedule = PowerScheduler(
+        opt,
+        a=a,
+        b=b,
+        lr_max=lr_max,
+        warmup_tokens=warmup,
+        decay_tokens=total // 10,
+        total_tokens=total,
+    )
+    return {"scheduler": schedule, "interval": "step", "frequency": 1}
+
+
+def _sample_clock(ctx: RunContext) -> list[L.Callback]:
+    from callbacks.sample_clock import SampleClock
+
+    return [SampleClock()]
+
+
+def _norm_test_growth(ctx: RunContext) -> list[L.Callback]:
+    from callbacks.adaptive_batch_size import AdaptiveBatchSize
+
+    return [AdaptiveBatchSize(test="norm", eta=1.0, max_batch_size=1024, interval=2)]
+
+
 RUNS: dict[str, RunConfig] = {
     run.name: run
     for run in (
         RunConfig("adam", "Adam lr 1e-3, batch 128 (baseline)", _adam),
         RunConfig("adagrad", "AdaGrad lr 0.01, batch 128 (baseline)", _adagrad),
+        RunConfig(
+            "power-scheduler",
+            "SGD momentum 0.9, batch 128, power scheduler (b -0.51, lr_max 0.1, 5% warmup, "
+            "10% exponential decay) clocked in samples; Shen et al. 2024",
+            _sgd_momentum,
+            scheduler=_power_schedule,
+            callbacks=_sample_clock,
+        ),
+        RunConfig(
+            "adaptive-batch",
+            "AdaGrad lr 0.01, batch 32 grown by the norm test (eta 1, interval 2, max 1024); "
+            "AdAdaGrad, Lau et al. 2024",
+            _adagrad,
+            batch_size=32,
+            callbacks=_norm_test_growth,
+        ),
     )
 }

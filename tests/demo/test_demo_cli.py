@@ -1,5 +1,6 @@
 """The demo end to end: a real Lightning Trainer on real Fashion-MNIST (a subset, one epoch)."""
 
+import itertools
 import json
 import math
 
@@ -90,3 +91,15 @@ def test_run_config_validation():
         RunConfig("x", "d", RUNS["adam"].optimizer, batch_size=0)
     with pytest.raises(ValueError, match="name must be a non-empty word"):
         RunConfig("two words", "d", RUNS["adam"].optimizer)
+
+
+def test_adaptive_batch_row_grows_the_batch(data):
+    train, test = data
+    r = train_run(RUNS["adaptive-batch"], train, test, epochs=1, seed=0, progress=False)
+    sizes = r.curves["batch_size"]
+    assert r.samples_seen == sum(sizes) == 1536
+    assert r.optimizer_steps == len(sizes)
+    assert sizes[0] == 32 and max(sizes) > 32
+    # the batch never shrinks, apart from the epoch's last, partial batch
+    assert all(b2 >= b1 for b1, b2 in itertools.pairwise(sizes[:-1]))
+    assert r.optimizer_steps < 1536 // 32
