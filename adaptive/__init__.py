@@ -5,7 +5,7 @@ Subpackages: ``stats`` (per-step gradient statistics), ``batching`` (adaptive ba
 ``selection`` (online batch selection), ``mixture`` (data-mixture reweighting), ``data``.
 """
 
-from adaptive import batching, data, mixture, optim, schedules, selection, stats
+from adaptive import batching, data, mixture, models, optim, schedules, selection, stats
 from adaptive.batching import AdaptiveBatchSampler, next_batch_size, norm_test
 from adaptive.data import DataNotFoundError, ImageClassificationDataset, fashion_mnist, mnist
 from adaptive.mixture import DoReMi, Exp3Mixture, GroupInfluence, MixtureSampler
@@ -48,6 +48,7 @@ __all__ = [
     "fashion_mnist",
     "mixture",
     "mnist",
+    "models",
     "next_batch_size",
     "norm_test",
     "optim",

@@ -33,23 +33,10 @@ from tqdm import tqdm
 
 from adaptive.batching import AdaptiveBatchSampler, inner_product_test, next_batch_size, norm_test
 from adaptive.data import fashion_mnist, mnist
+from adaptive.models import small_cnn
 from adaptive.stats import GradientStatistics
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def small_cnn(num_classes: int = 10) -> nn.Sequential:
-    """The project demo's small CNN (two 3x3 convs with pooling, one linear head)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, num_classes),
-    )
 
 
 def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from callbacks.demo.model import small_cnn
+from adaptive.models import small_cnn
 from callbacks.demo.module import ImageClassifier
 from callbacks.demo.recorder import CurveRecorder
 from callbacks.demo.runs import RunConfig, RunContext

@@ -1,4 +1,4 @@
-"""The demo's model: a small CNN for 28x28 grey-scale images."""
+"""Small reference models shared by the demo, benchmarks and tests."""
 
 from __future__ import annotations
 
