@@ -143,12 +143,12 @@ def configs(args: argparse.Namespace) -> list[dict]:
     return out
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, plot_name: str) -> str:
     lines = [
         "# Adaptive batch growth vs fixed batches (small CNN, AdaGrad)",
         "",
         f"Date {report['date']}; {report['machine']['platform']}, {report['machine']['cpus']} CPUs "
-        f"(shared with other jobs while measured: wall times are noisy); torch "
+        f"(load average before the run {report['machine'].get('loadavg')}); torch "
         f"{report['versions']['torch']}, python {report['versions']['python']}.",
         f"Budget {report['args']['epochs']} epochs of samples per run, lr {report['args']['lr']}, "
         f"seeds {report['args']['seeds']}. Command: `{report['command']}`",
@@ -165,7 +165,7 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {ds} | {name} | {100 * acc:.2f}% | {steps:.0f} | {wall:.0f} | {final} |"
             )
-    lines += ["", "Batch size against samples seen: `adaptive_batch.png`.", ""]
+    lines += ["", f"Batch size against samples seen: `{plot_name}`.", ""]
     if report.get("notes"):
         lines += ["## Notes", "", report["notes"], ""]
     return "\n".join(lines)
@@ -239,7 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfgs = configs(args)
     report: dict = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "loadavg": [round(v, 2) for v in os.getloadavg()],
+        },
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "command": "python benchmarks/adaptive_batch.py "
         + " ".join(_command_args(sys.argv[1:] if argv is None else argv)),
@@ -259,9 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
         report["results"][ds] = rows
     Path(stem).parent.mkdir(parents=True, exist_ok=True)
     Path(stem + ".json").write_text(json.dumps(report, indent=1))
-    Path(stem + ".md").write_text(markdown(report))
+    text = markdown(report, Path(stem).name + ".png")
+    Path(stem + ".md").write_text(text)
     plot(report, Path(stem + ".png"))
-    print(markdown(report))
+    print(text)
     return report
 
 
