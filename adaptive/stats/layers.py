@@ -79,6 +79,11 @@ def _grouped_dot(x: Tensor, d: Tensor, w: Tensor) -> Tensor:
     return (wd * x).reshape(x.shape[0], -1).sum(1)
 
 
+def _conv_bias_grads(d: Tensor) -> Tensor:
+    """Per-sample conv bias gradients ``(b, C_out)``: the output gradient summed over positions."""
+    return d.float().reshape(d.shape[0], d.shape[1], -1).sum(-1)
+
+
 class LayerRule:
     """Per-sample quantities for one module type (see the module docstring for the meaning)."""
 
@@ -291,7 +296,7 @@ class ConvRule(_GroupedMatmulRule):
                 x, dd = self.operands(module, a, d)
                 res["weight"] = (dd @ x.transpose(-1, -2)).reshape(b, *module.weight.shape)
         if "bias" in names:
-            res["bias"] = d.float().reshape(b, d.shape[1], -1).sum(-1)
+            res["bias"] = _conv_bias_grads(d)
         return res
 
     def sq_norms(self, module, a, d, names):
@@ -302,19 +307,18 @@ class ConvRule(_GroupedMatmulRule):
         if "weight" in names:
             out = out + self._direct(module, a, d).square().transpose(0, 1).reshape(b, -1).sum(1)
         if "bias" in names:
-            out = out + d.float().reshape(b, d.shape[1], -1).sum(-1).square().sum(1)
+            out = out + _conv_bias_grads(d).square().sum(1)
         return out
 
     def coordinate_sq(self, module, a, d, names):
         if not self._use_direct(module, d):
             return super().coordinate_sq(module, a, d, names)
         res: dict[str, Tensor] = {}
-        b = d.shape[0]
         if "weight" in names:
             sq = self._direct(module, a, d).square().sum(1)  # (C_in, C_out, kh, kw)
             res["weight"] = sq.transpose(0, 1).reshape(module.weight.shape)
         if "bias" in names:
-            res["bias"] = d.float().reshape(b, d.shape[1], -1).sum(-1).square().sum(0)
+            res["bias"] = _conv_bias_grads(d).square().sum(0)
         return res
 
     def dot(self, module, a, d, directions):
@@ -328,7 +332,7 @@ class ConvRule(_GroupedMatmulRule):
             g = self._direct(module, a, d)  # (C_in, b, C_out, kh, kw)
             out = out + (g * w4.transpose(0, 1).unsqueeze(1)).transpose(0, 1).reshape(b, -1).sum(1)
         if "bias" in directions:
-            out = out + d.float().reshape(b, d.shape[1], -1).sum(-1) @ directions["bias"].float()
+            out = out + _conv_bias_grads(d) @ directions["bias"].float()
         return out
 
     def check(self, name, module):
