@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -73,10 +74,11 @@ class Lamb(Optimizer):
     loop over tensors that follows the formula above, and the default fast path
     (``foreach=None`` or ``True``): ``torch._foreach_*`` over all tensors of a group with the
     bias corrections folded into per-tensor scalars and the trust ratios taken with
-    ``torch.where``. On CPU the fast path walks each tensor in pieces of ``cpu_block`` elements
-    and runs every elementwise op on a piece while it is in cache (``cpu_block=0`` turns this
-    off); it keeps one parameter-sized fp32 scratch buffer between steps, because freshly
-    allocated temporaries cost a page fault per 4 KiB on CPU.
+    ``torch.where``. On CPU the fast path walks each tensor in pieces of ``cpu_block`` elements,
+    updates both moments of a piece with torch's fused Adam kernel while the piece is in cache,
+    and applies each large tensor's update right after its ratio is known, while it is still in
+    cache (``cpu_block=0`` turns this off); it keeps one parameter-sized fp32 scratch buffer
+    between steps, because freshly allocated temporaries cost a page fault per 4 KiB on CPU.
 
     Args:
         params: parameters or parameter groups (see :func:`param_groups_for`).
@@ -183,8 +185,11 @@ class Lamb(Optimizer):
         if not grads:
             return None
         device = grads[0].device
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        wide = [g for g in grads if g.dtype == torch.float64]  # cannot be narrowed by the norm
+        norms = torch._foreach_norm(wide, 2) if wide else []
+        rest = [g for g in grads if g.dtype != torch.float64]
+        norms += torch._foreach_norm(rest, 2, dtype=torch.float32) if rest else []
+        total = torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
         return torch.clamp(total / self.max_grad_norm, min=1.0)
 
     def _scratch_for(self, p: Tensor) -> Tensor:
@@ -316,10 +321,11 @@ def _lamb_fast(
 ) -> None:
     """Fast LAMB for one group: the same numbers as :func:`_lamb_reference`, fewer memory passes.
 
-    The bias corrections are folded into two per-tensor scalars computed on the device from the
-    step counts: with ``k = √bc2/bc1`` and ``e = ε·√bc2``, ``m̂/(√v̂+ε) = k·m/(√v+e)``. The
-    kernels build ``w = u/k = m/(√v+e) + (λ/k)·x``; the step ``ratio·u`` is then
-    ``ratio·k·w`` with ``‖u‖ = k‖w‖``, so ``k`` costs no pass over the tensors.
+    On CPU (``cpu_block > 0``) see :func:`_moments_and_update_blocked`. Elsewhere the bias
+    corrections are folded into two per-tensor scalars computed on the device from the step
+    counts: with ``k = √bc2/bc1`` and ``e = ε·√bc2``, ``m̂/(√v̂+ε) = k·m/(√v+e)``. The foreach
+    kernels build ``w = u/k = m/(√v+e) + (λ/k)·x``; the step ``ratio·u`` is then ``ratio·k·w``
+    with ``‖u‖ = k‖w‖``, so ``k`` costs no pass over the tensors.
     """
     lr, beta1, beta2, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["weight_decay"]
     wd_in = 0.0 if hp["decoupled"] else wd  # decay inside the update u
@@ -331,6 +337,11 @@ def _lamb_fast(
         vs = [exp_avg_sqs[i] for i in idx]
         st = [steps[i] for i in idx]
         torch._foreach_add_(st, 1.0)
+        clip = None if hp["clip"] is None else hp["clip"].to(device)
+        low = dtype not in (torch.float32, torch.float64)
+        if device.type == "cpu" and opt.cpu_block > 0:
+            _lamb_cpu_blocked(opt, xs, gs, ms, vs, st, clip, hp, wd_in, shrink, low)
+            continue
         if hp["bias_correction"]:
             s = torch.stack(st).to(ms[0].dtype)  # fp64 params get fp64 corrections
             bc1 = 1 - torch.pow(beta1, s)
@@ -342,97 +353,153 @@ def _lamb_fast(
             k = None
             eps_s = [hp["eps"]] * len(idx)
             wd_s = [wd_in] * len(idx)
-        clip = None if hp["clip"] is None else hp["clip"].to(device)
-        low = dtype not in (torch.float32, torch.float64)
-        if device.type == "cpu" and opt.cpu_block > 0:
-            ws, x_norms, w_norms = _moments_and_update_blocked(
-                opt, xs, gs, ms, vs, eps_s, wd_s, clip, hp, wd_in != 0.0, low
-            )
-            x32 = None
-        else:
-            x32 = [fp32_view(x) for x in xs]
-            g32 = [fp32_view(g) for g in gs]
-            if clip is not None:
-                g32 = torch._foreach_div(g32, clip)
-            torch._foreach_lerp_(ms, g32, 1 - beta1)
-            torch._foreach_mul_(vs, beta2)
-            torch._foreach_addcmul_(vs, g32, g32, value=1 - beta2)
-            denom = torch._foreach_sqrt(vs)
-            torch._foreach_add_(denom, eps_s)
-            ws = torch._foreach_div(ms, denom)
-            del denom
-            if wd_in != 0.0:
-                if k is None:
-                    torch._foreach_add_(ws, x32, alpha=wd_in)
-                else:
-                    torch._foreach_addcmul_(ws, x32, wd_s)
-            x_norms = w_norms = None
-            if hp["adapt"]:
-                x_norms = torch.stack(torch._foreach_norm(x32))
-                w_norms = torch.stack(torch._foreach_norm(ws))
+        x32 = [fp32_view(x) for x in xs]
+        g32 = [fp32_view(g) for g in gs]
+        if clip is not None:
+            g32 = torch._foreach_div(g32, clip)
+        torch._foreach_lerp_(ms, g32, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, g32, g32, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, eps_s)
+        ws = torch._foreach_div(ms, denom)
+        del denom
+        if wd_in != 0.0:
+            if k is None:
+                torch._foreach_add_(ws, x32, alpha=wd_in)
+            else:
+                torch._foreach_addcmul_(ws, x32, wd_s)
+        x_norms = w_norms = None
+        if hp["adapt"]:
+            x_norms = torch.stack(torch._foreach_norm(x32))
+            w_norms = torch.stack(torch._foreach_norm(ws))
         _apply_update(xs, x32, ws, k, x_norms, w_norms, hp, shrink, low)
 
 
-def _moments_and_update_blocked(
+# With no bias correction the fused kernel is given an infinite step: 1 - β**inf = 1 exactly.
+_NO_BIAS_CORRECTION = torch.tensor(math.inf)
+
+
+def _lamb_cpu_blocked(
     opt: Lamb,
     xs: list[Tensor],
     gs: list[Tensor],
     ms: list[Tensor],
     vs: list[Tensor],
-    eps_s: list[Any],
-    wd_s: list[Any],
+    steps: list[Tensor],
     clip: Tensor | None,
     hp: dict[str, Any],
-    decay_inside: bool,
+    wd_in: float,
+    shrink: float,
     low: bool,
-) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
-    """CPU: update the moments and write ``w`` into scratch, one cache-sized piece at a time.
+) -> None:
+    """CPU: LAMB tensor by tensor, so that a tensor's update is applied while it is in cache.
 
-    Every op of a piece reads what the previous op left in cache, so each tensor is streamed
-    from memory about once here and once more when the update is applied.
+    Tensors of at least ``_APPLY_NOW`` elements are updated as soon as their ratio is known;
+    the small ones (biases, norm weights) are gathered into one foreach update, since for them
+    the per-op overhead outweighs the memory traffic.
+    """
+    later: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] = ([], [], [], [])
+    for x, g, m, v, step in zip(xs, gs, ms, vs, steps, strict=True):
+        w, x_norm, w_norm = _moments_and_update_blocked(opt, x, g, m, v, step, clip, hp, wd_in, low)
+        if x.numel() >= _APPLY_NOW:
+            norms = (None, None) if x_norm is None else (x_norm[None], w_norm[None])
+            _apply_update([x], None, [w], None, *norms, hp, shrink, low)
+            continue
+        for dst, item in zip(later, (x, w, x_norm, w_norm), strict=True):
+            dst.append(item)
+    if later[0]:
+        x_norms = None if not hp["adapt"] else torch.stack(later[2])
+        w_norms = None if not hp["adapt"] else torch.stack(later[3])
+        _apply_update(later[0], None, later[1], None, x_norms, w_norms, hp, shrink, low)
+
+
+# Tensors at least this large get their update applied right after their moments (see above).
+_APPLY_NOW = 1 << 16
+# With no bias correction the fused kernel is given an infinite step: 1 - β**inf = 1 exactly.
+_NO_BIAS_CORRECTION = torch.tensor(math.inf)
+
+
+def _moments_and_update_blocked(
+    opt: Lamb,
+    x: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    step: Tensor,
+    clip: Tensor | None,
+    hp: dict[str, Any],
+    wd_in: float,
+    low: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """CPU: update the moments of one tensor and write ``u = m̂/(√v̂+ε) + λx`` into scratch.
+
+    The tensor is walked in pieces of ``cpu_block`` elements, each processed while it is in
+    cache: the scratch piece is set to ``λx``, then torch's fused Adam kernel
+    (``torch._fused_adam_``, one vectorised pass that updates both moments with bias
+    correction) adds ``m̂/(√v̂+ε)`` to it when given the learning rate -1, and the norms of the
+    piece of ``x`` and ``u`` are taken. The gradient is divided by the clipping divisor into a
+    copy, so ``p.grad`` is left as it was. Returns the scratch ``u`` and ``‖x‖``, ``‖u‖`` (None
+    when the group does not adapt).
     """
     beta1, beta2, block = hp["beta1"], hp["beta2"], opt.cpu_block
-    ws: list[Tensor] = []
-    x_norms: list[Tensor] = []
-    w_norms: list[Tensor] = []
-    for i, (x, g, m, v) in enumerate(zip(xs, gs, ms, vs, strict=True)):
-        w = opt._scratch_for(x)
-        ws.append(w)
-        tensors = (x, g, m, v, w)
-        if all(t.is_contiguous() for t in tensors) and x.numel() > block:
-            flat = [t.view(-1) for t in tensors]
-            pieces = [[t[a : a + block] for t in flat] for a in range(0, x.numel(), block)]
+    if not hp["bias_correction"]:
+        step = _NO_BIAS_CORRECTION
+    w = opt._scratch_for(x)
+    tensors = (x, g, m, v, w)
+    if all(t.is_contiguous() for t in tensors) and x.numel() > block:
+        flat = [t.view(-1) for t in tensors]
+        pieces = [[t[a : a + block] for t in flat] for a in range(0, x.numel(), block)]
+    else:
+        pieces = [list(tensors)]
+    x_sq: list[Tensor] = []
+    w_sq: list[Tensor] = []
+    for xp, gp, mp, vp, wp in pieces:
+        if low:
+            xp, gp = xp.float(), gp.float()
+        if clip is not None:
+            gp = gp / clip
+        if wd_in != 0.0:
+            torch.mul(xp, wd_in, out=wp)
         else:
-            pieces = [list(tensors)]
-        x_sq: list[Tensor] = []
-        w_sq: list[Tensor] = []
-        for xp, gp, mp, vp, wp in pieces:
-            if low:
-                xp, gp = xp.float(), gp.float()
-            if clip is not None:
-                gp = gp / clip
+            wp.zero_()
+        if all(t.is_contiguous() for t in (gp, mp, vp, wp)):
+            torch._fused_adam_(
+                [wp],
+                [gp],
+                [mp],
+                [vp],
+                [],
+                [step],
+                lr=-1.0,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=0.0,
+                eps=hp["eps"],
+                amsgrad=False,
+                maximize=False,
+            )
+        else:  # the fused kernel walks memory in order: strided tensors take the plain ops
             mp.lerp_(gp, 1 - beta1)
             vp.mul_(beta2).addcmul_(gp, gp, value=1 - beta2)
-            torch.sqrt(vp, out=wp)
-            wp.add_(eps_s[i])
-            torch.div(mp, wp, out=wp)
-            if decay_inside and isinstance(wd_s[i], Tensor):
-                wp.addcmul_(xp, wd_s[i])
-            elif decay_inside:
-                wp.add_(xp, alpha=wd_s[i])
-            if hp["adapt"]:
-                x_sq.append(torch.linalg.vector_norm(xp))
-                w_sq.append(torch.linalg.vector_norm(wp))
+            bc1, bc2 = 1 - torch.pow(beta1, step), 1 - torch.pow(beta2, step)
+            wp.addcdiv_(mp / bc1, (vp / bc2).sqrt_().add_(hp["eps"]))
         if hp["adapt"]:
-            if len(x_sq) == 1:
-                x_norms.append(x_sq[0])
-                w_norms.append(w_sq[0])
-            else:
-                x_norms.append(torch.linalg.vector_norm(torch.stack(x_sq)))
-                w_norms.append(torch.linalg.vector_norm(torch.stack(w_sq)))
+            x_sq.append(_sq_norm(xp))
+            w_sq.append(_sq_norm(wp))
     if not hp["adapt"]:
-        return ws, None, None
-    return ws, torch.stack(x_norms), torch.stack(w_norms)
+        return w, None, None
+    if len(x_sq) == 1:
+        return w, x_sq[0].sqrt(), w_sq[0].sqrt()
+    return w, torch.stack(x_sq).sum().sqrt(), torch.stack(w_sq).sum().sqrt()
+
+
+def _sq_norm(t: Tensor) -> Tensor:
+    """``‖t‖²``: a BLAS dot product for contiguous pieces (twice as fast as ``vector_norm`` on CPU)."""
+    if t.is_contiguous():
+        flat = t.view(-1)
+        return torch.dot(flat, flat)
+    return torch.linalg.vector_norm(t).square()
 
 
 def _apply_update(

@@ -197,6 +197,39 @@ def test_lamb_fast_equals_reference_mixed_groups(extra, cpu_block):
     )  # bf16 param, fp32 moments
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"decoupled_decay": True}, {"bias_correction": False, "max_grad_norm": 0.5}],
+    ids=["default", "decoupled", "no_bc_clipped"],
+)
+def test_lamb_fast_equals_reference_large_tensors(extra):
+    """Tensors past the apply-at-once size (2**16 elements), split into several cache pieces,
+    beside small ones; bf16 and fp64 large tensors too. ``p.grad`` is left untouched."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(300, 250), (70_000,), (64,), (5, 7)]
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.float32]
+    base = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes, strict=True)]
+    base.append(torch.randn(300, 240, generator=gen).to(torch.bfloat16))
+    fast = [b.clone().requires_grad_() for b in base]
+    ref = [b.clone().requires_grad_() for b in base]
+    opt_fast = Lamb(fast, lr=0.01, cpu_block=4096, **extra)
+    opt_ref = Lamb(ref, lr=0.01, foreach=False, **extra)
+    for s in range(6):
+        g = torch.Generator().manual_seed(900 + s)
+        grads = [(torch.randn(b.shape, generator=g) * 0.1).to(b.dtype) for b in base]
+        for ps in (fast, ref):
+            for p, gr in zip(ps, grads, strict=True):
+                p.grad = gr.clone()
+        opt_fast.step()
+        opt_ref.step()
+        for p, gr in zip(fast, grads, strict=True):
+            torch.testing.assert_close(p.grad, gr, rtol=0, atol=0)
+    for a, b, start in zip(fast, ref, base, strict=True):
+        tol = {"rtol": 2e-2, "atol": 2e-2} if a.dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(a, b, **tol)
+        assert (a.detach().double() - start.double()).abs().max() > 1e-4  # it moved
+
+
 def test_lamb_state_dict_resume_equals_uninterrupted():
     g_a, train_a, all_a = _mixed_groups()
     _run_groups(g_a, train_a, 20, {})
