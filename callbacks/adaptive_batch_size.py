@@ -49,6 +49,7 @@ from adaptive.batching import (
     orthogonality_test,
     plan_batch,
 )
+from adaptive.mixture import MixtureSampler
 from adaptive.schedules import SampleClockedScheduler, adascale_gain, lr_scale_factor
 from adaptive.stats import GradientStatistics
 
@@ -241,6 +242,12 @@ class AdaptiveBatchSize(pl.Callback):
                 )
             new = loader
         else:
+            if isinstance(loader.batch_sampler, MixtureSampler):
+                raise ValueError(
+                    "AdaptiveBatchSize cannot resize a MixtureSampler (the batch sampler of "
+                    "DynamicMixture): adaptive batch growth and dynamic mixtures cannot share "
+                    "one train loader; use one of the two callbacks"
+                )
             if loader.batch_size is None:
                 raise ValueError(
                     "AdaptiveBatchSize cannot take over a DataLoader built with its own "

@@ -6,7 +6,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ._common import check_foreach, check_number, dense_grad, fp32_view
@@ -32,8 +34,10 @@ class AdaGradNorm(Optimizer):
 
     The accumulator :math:`b^2` is a device tensor in ``optimizer.state["global"]["b_squared"]``
     (saved and restored by ``state_dict``); no step reads it back to the host. Under DDP the
-    gradients are already averaged, so every rank computes the same :math:`b`; with sharded
-    parameters (FSDP) the norm would need an all-reduce, which this class does not do.
+    gradients are already averaged, so every rank computes the same :math:`b`. With sharded
+    parameters (DTensors: FSDP2's ``fully_shard``, tensor parallelism) each rank's shards give a
+    partial :math:`\lVert g_t\rVert^2`, summed over the sharded mesh dimensions with one
+    all-reduce per mesh; the update, being elementwise, runs on the local shards.
 
     Args:
         params: parameters or parameter groups.
@@ -107,21 +111,59 @@ class AdaGradNorm(Optimizer):
                 "b_squared": torch.full((), self.b0**2, dtype=torch.float32, device=device)
             }
         b_sq = self.state[_GLOBAL]["b_squared"]
+        add_norm = True
+        if any(isinstance(g, DTensor) for g in all_grads):
+            b_sq.add_(_sharded_sq_norm(all_grads).to(b_sq.device))
+            per_group = [([_local(p) for p in ps], [_local(g) for g in gs]) for ps, gs in per_group]
+            add_norm = False
         if self.foreach is False:
-            _adagrad_norm_reference(per_group, self.param_groups, b_sq)
+            _adagrad_norm_reference(per_group, self.param_groups, b_sq, add_norm)
         else:
-            _adagrad_norm_fast(per_group, self.param_groups, b_sq)
+            _adagrad_norm_fast(per_group, self.param_groups, b_sq, add_norm)
         return loss
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (shares its storage), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _sharded_sq_norm(grads: list[Tensor]) -> Tensor:
+    """``Σ ‖g‖²`` over whole tensors, some of them DTensors, identical on every rank (float32).
+
+    A DTensor's local squared sum is summed over the mesh dimensions it is sharded on (one
+    all-reduce per mesh dimension for all such tensors together) and not over replicated ones;
+    a tensor with a ``Partial`` placement is materialised with ``full_tensor()`` first.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=_local(grads[0]).device)
+    pending: dict[tuple[Any, tuple[int, ...]], Tensor] = {}
+    for g in grads:
+        if not isinstance(g, DTensor):
+            total = total + g.float().square().sum()
+            continue
+        if any(p.is_partial() for p in g.placements):
+            total = total + g.full_tensor().float().square().sum()
+            continue
+        dims = tuple(d for d, p in enumerate(g.placements) if p.is_shard())
+        key = (g.device_mesh, dims)
+        part = g.to_local().float().square().sum()
+        pending[key] = part if key not in pending else pending[key] + part
+    for (mesh, dims), part in pending.items():
+        for d in dims:
+            dist.all_reduce(part, group=mesh.get_group(d))
+        total = total + part
+    return total
 
 
 def _adagrad_norm_reference(
     per_group: list[tuple[list[Tensor], list[Tensor]]],
     groups: list[dict[str, Any]],
     b_sq: Tensor,
+    add_norm: bool = True,
 ) -> None:
     """Readable reference: sum the squared norms, then x -= lr * g / b tensor by tensor."""
     for _, gs in per_group:
-        for g in gs:
+        for g in gs if add_norm else ():
             b_sq.add_(torch.sum(g.float() * g.float()).to(b_sq.device))
     b = b_sq.sqrt()
     for (ps, gs), group in zip(per_group, groups, strict=True):
@@ -134,11 +176,13 @@ def _adagrad_norm_fast(
     per_group: list[tuple[list[Tensor], list[Tensor]]],
     groups: list[dict[str, Any]],
     b_sq: Tensor,
+    add_norm: bool = True,
 ) -> None:
     """Foreach: one ``_foreach_norm`` over all gradients, one fused update per group."""
-    all_grads = [g for _, gs in per_group for g in gs]
-    norms = torch._foreach_norm(all_grads, 2, dtype=torch.float32)
-    b_sq.add_(torch.stack([n.to(b_sq.device) for n in norms]).square().sum())
+    if add_norm:
+        all_grads = [g for _, gs in per_group for g in gs]
+        norms = torch._foreach_norm(all_grads, 2, dtype=torch.float32)
+        b_sq.add_(torch.stack([n.to(b_sq.device) for n in norms]).square().sum())
     inv_b = b_sq.rsqrt()
     for (ps, gs), group in zip(per_group, groups, strict=True):
         if not ps:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
 from adaptive.stats.layers import (
@@ -86,6 +87,19 @@ class StatisticsResult:
     num_micro_batches: int = 1
     world_size: int = 1
     method: str = "per_sample"
+
+
+def _refuse_fsdp1(model: nn.Module) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for name, module in model.named_modules():
+        if isinstance(module, FullyShardedDataParallel):
+            raise UnsupportedModuleError(
+                f"module '{name or '<root>'}' is wrapped in FullyShardedDataParallel (FSDP1), "
+                "whose flat parameters mix slices of several layers: per-parameter gradient "
+                "statistics are not defined on them. Shard with "
+                "torch.distributed.fsdp.fully_shard (FSDP2) or use DDP"
+            )
 
 
 class _MicroBatch:
@@ -179,7 +193,11 @@ class GradientStatistics:
     Distributed. When ``torch.distributed`` is initialised, :meth:`result` sums the accumulators
     of all ranks with one ``all_reduce`` (it carries the per-parameter gradient sums, needed for
     the exact ``‖ḡ‖²`` of the global batch), so every rank returns the same global statistics.
-    Call it on every rank.
+    Call it on every rank. Under FSDP2 (``torch.distributed.fsdp.fully_shard``, parameters stored
+    as DTensor shards) the gradient hooks go on the whole parameters FSDP gathers for each
+    module's forward, before its reduce-scatter, so the results equal DDP's (``fuse_weight_grads``
+    is then off: it would hand autograd gradients for the shards). FSDP1
+    (``FullyShardedDataParallel``, flat parameters that mix layers) is refused.
 
     Example::
 
@@ -214,7 +232,11 @@ class GradientStatistics:
             raise ValueError(f"fallback must be None or one of {FALLBACKS}, got {fallback!r}")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
+        _refuse_fsdp1(model)
         self.model = model
+        # FSDP2 (fully_shard, possibly applied after this constructor): parameters are DTensor
+        # shards outside a module's forward; read at every attach()
+        self._sharded = False
         self.loss_reduction = loss_reduction
         self.per_coordinate = bool(per_coordinate)
         self.num_groups = num_groups
@@ -278,9 +300,9 @@ class GradientStatistics:
 
     @property
     def device(self) -> torch.device:
-        for site in self._sites:
-            for _, p in site.params.values():
-                return p.device
+        for site in self._sites:  # the module's current parameter (FSDP2 may have replaced it)
+            for local, (_, p) in site.params.items():
+                return site.module._parameters.get(local, p).device
         return torch.device("cpu")
 
     # ------------------------------------------------------------------ public API
@@ -302,7 +324,7 @@ class GradientStatistics:
                     f"set_target: {k!r} has shape {tuple(v.shape)}, parameter has "
                     f"{tuple(names[k].shape)}"
                 )
-            out[k] = v.detach().to(device=names[k].device, dtype=torch.float32)
+            out[k] = v.detach().to(device=self.device, dtype=torch.float32)
         self._target = out
 
     def reset(self) -> None:
@@ -344,6 +366,9 @@ class GradientStatistics:
                 raise UnsupportedModuleError(problem)
             self._mode = "groups"
         self._current = _MicroBatch(group_ids)
+        # FSDP2: autograd sees the whole parameters FSDP puts on each module for its forward;
+        # hook those (fusing would hand gradients to the shards instead, so it is off)
+        self._sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
         if self._mode == "groups":
             # No layer hooks: the micro-batch size is axis 0 of the model's first tensor input.
             self._handles.append(
@@ -351,13 +376,18 @@ class GradientStatistics:
             )
         for site in self._sites:
             if self._mode == "per_sample":
-                if self.fuse_weight_grads:
+                if self.fuse_weight_grads and not self._sharded:
                     self._handles.append(
                         site.module.register_forward_pre_hook(partial(self._on_pre_forward, site))
                     )
                 self._handles.append(
                     site.module.register_forward_hook(partial(self._on_forward, site))
                 )
+            if self._sharded:
+                self._handles.append(
+                    site.module.register_forward_pre_hook(partial(self._hook_unsharded, site))
+                )
+                continue
             for local, (full, p) in site.params.items():
                 self._handles.append(
                     p.register_hook(partial(self._on_param_grad, site, local, full))
@@ -384,6 +414,22 @@ class GradientStatistics:
             self._records.append(mb)
 
     # ------------------------------------------------------------------ hooks
+    def _hook_unsharded(self, site: _Site, module: nn.Module, args: tuple) -> None:
+        """FSDP2: hook the whole parameters FSDP has just put on ``module`` for this forward."""
+        if self._current is None or not torch.is_grad_enabled():
+            return
+        for local, (full, _) in site.params.items():
+            p = module._parameters.get(local)
+            if p is not None and not isinstance(p, DTensor) and not p.requires_grad:
+                continue  # frozen since the sensor was built
+            if p is None or isinstance(p, DTensor):
+                raise UnsupportedModuleError(
+                    f"parameter '{full}' is still sharded (DTensor) while '{site.name}' runs: "
+                    "the statistics need the whole gradient of each parameter; shard with "
+                    "torch.distributed.fsdp.fully_shard (FSDP2), which unshards for the forward"
+                )
+            self._handles.append(p.register_hook(partial(self._on_param_grad, site, local, full)))
+
     def _scale_factor(self) -> float:
         """Raw micro-batch sums are weighted by m_k (mean) so that K·Σ_k m_k·raw_k = Σ_i g_i."""
         mb = self._current

@@ -1,0 +1,117 @@
+"""LAMB, LARS and AdaGrad-Norm on FSDP2-sharded parameters (two gloo processes, CPU).
+
+Each rank shards a small model with ``torch.distributed.fsdp.fully_shard`` (parameters become
+DTensors, split along dimension 0; the last layer's 3 rows split unevenly, 2 + 1) and trains it
+on its half of a batch of 8; FSDP2 reduce-scatters the mean gradient. The same optimizer on an
+unsharded copy, trained on the whole batch in the same process, is the reference: after three
+steps the gathered parameters (and AdaGrad-Norm's accumulator) must agree to float32 round-off.
+The trust ratios of LAMB and LARS use the norms of whole tensors, and AdaGrad-Norm's step size
+the norm of the whole gradient, so a rank that used only its own shards would disagree.
+
+LAMB is checked on its reference path (``foreach=False``): its fast path does not handle DTensor
+shards (an uneven shard fails to flatten; on CPU a ResNet's shards come out non-finite; off CPU
+it mixes DTensors with plain tensors), which ``examples/imagenet.py`` avoids under FSDP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch, torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from adaptive.optim import AdaGradNorm, Lamb, Lars, param_groups_for
+
+    torch.set_num_threads(1)
+    rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+
+    def make(classes):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 10), nn.LayerNorm(10), nn.Tanh(),
+                             nn.Linear(10, classes))
+
+    CASES = {
+        "lamb_reference": (lambda g: Lamb(g, lr=0.05, foreach=False), 3),
+        "lars_fast": (lambda g: Lars(g, lr=0.5, weight_decay=0.01), 3),
+        "lars_reference": (lambda g: Lars(g, lr=0.5, weight_decay=0.01, foreach=False), 3),
+        "adagrad_norm_fast": (lambda g: AdaGradNorm(g, lr=0.1), 3),
+        "adagrad_norm_reference": (lambda g: AdaGradNorm(g, lr=0.1, foreach=False), 3),
+    }
+    result = {}
+    for name, (build, classes) in CASES.items():
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(8, 6, generator=g)
+        y = torch.randint(0, classes, (8,), generator=g)
+        ref, sharded, start = make(classes), make(classes), make(classes)
+        for m in (sharded[0], sharded[3]):
+            fully_shard(m)
+        fully_shard(sharded)
+        opt_ref = build(param_groups_for(ref, weight_decay=0.1))
+        opt = build(param_groups_for(sharded, weight_decay=0.1))
+        mine = slice(4 * rank, 4 * rank + 4)
+        for _ in range(3):
+            opt_ref.zero_grad()
+            nn.functional.cross_entropy(ref(x), y).backward()
+            opt_ref.step()
+            opt.zero_grad()
+            nn.functional.cross_entropy(sharded(x[mine]), y[mine]).backward()
+            opt.step()
+        pairs = list(zip(sharded.parameters(), ref.parameters(), start.parameters()))
+        result[name] = {
+            "dtensor": all(type(p).__name__ == "DTensor" for p, _, _ in pairs),
+            "error": max((p.full_tensor() - q).abs().max().item() for p, q, _ in pairs),
+            "moved": max((q - s).abs().max().item() for _, q, s in pairs),
+        }
+        if isinstance(opt, AdaGradNorm):
+            result[name]["b_squared"] = [opt.b_squared.item(), opt_ref.b_squared.item()]
+    json.dump(result, open(f"{out}/rank{rank}.json", "w"))
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.ddp
+def test_sharded_steps_equal_unsharded_steps(tmp_path):
+    script = tmp_path / "fsdp_optim_worker.py"
+    script.write_text(WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = str(ROOT)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), port, str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        log, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, log.decode()[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 5
+    for res in ranks:
+        for name, r in res.items():
+            assert r["dtensor"], name
+            assert r["moved"] > 1e-2, f"{name}: the reference did not train"
+            assert r["error"] < 1e-6, f"{name}: sharded and unsharded steps differ by {r['error']}"
+            if "b_squared" in r:  # b² = b0² + Σ_t ‖g_t‖² of the whole gradient
+                assert r["b_squared"][0] == pytest.approx(r["b_squared"][1], rel=1e-6)
