@@ -199,10 +199,8 @@ class ImageNetModule(pl.LightningModule):
         a = self.args
         groups = param_groups_for(self.model, weight_decay=a.weight_decay)
         if a.optimizer == "lamb":
-            # LAMB's fast path does not handle DTensor shards yet (errors or NaN); its reference
-            # path computes the trust ratios from whole-tensor norms (tests/optim/test_optim_fsdp)
-            fast = None if a.strategy != "fsdp" else False
-            opt = Lamb(groups, lr=a.lr, weight_decay=a.weight_decay, foreach=fast)
+            # under FSDP2 (DTensor shards) Lamb takes its reference path by itself
+            opt = Lamb(groups, lr=a.lr, weight_decay=a.weight_decay)
         else:
             opt = Lars(groups, lr=a.lr, momentum=0.9, weight_decay=a.weight_decay)
         total = a.total_samples

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ._common import (
@@ -79,6 +80,8 @@ class Lamb(Optimizer):
     and applies each large tensor's update right after its ratio is known, while it is still in
     cache (``cpu_block=0`` turns this off); it keeps one parameter-sized fp32 scratch buffer
     between steps, because freshly allocated temporaries cost a page fault per 4 KiB on CPU.
+    Groups holding DTensor shards (FSDP2's ``fully_shard``) always take the reference path, which
+    computes the trust ratios from whole-tensor norms (one collective per norm).
 
     Args:
         params: parameters or parameter groups (see :func:`param_groups_for`).
@@ -228,7 +231,10 @@ class Lamb(Optimizer):
             if not params:
                 continue
             hp = _hyper(group, clip)
-            if fast:
+            # DTensor shards (FSDP2, tensor parallelism): the fast path works on flat local memory
+            # and local norms, so sharded groups take the reference path, whose norms are global
+            # (one collective per norm).
+            if fast and not any(isinstance(p, DTensor) for p in params):
                 _lamb_fast(self, params, grads, exp_avgs, exp_avg_sqs, steps, hp)
             else:
                 _lamb_reference(params, grads, exp_avgs, exp_avg_sqs, steps, hp)
