@@ -37,6 +37,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from adaptive.batching import (
@@ -339,6 +340,14 @@ class AdaptiveBatchSize(pl.Callback):
         parts = [proposed, ratio, stats.variance, stats.grad_sq_norm]
         host = torch.stack([t.reshape(()).float() for t in parts]).double().cpu().tolist()
         b_hat, test_ratio, variance, grad_sq = host
+        if not (math.isfinite(variance) and math.isfinite(grad_sq)):
+            # the tests map a NaN statistic to "passed": say so instead of silently keeping b
+            rank_zero_warn(
+                f"AdaptiveBatchSize: non-finite gradient statistics at step {trainer.global_step} "
+                f"(variance={variance}, grad_sq_norm={grad_sq}); the batch size stays {current}. "
+                "Causes: non-finite gradients (a NaN/inf loss), or stats_fallback='groups' with a "
+                "single group (one device, no accumulation)."
+            )
         new = self._decide(trainer, b_hat, (variance, grad_sq, int(stats.batch_size)))
         record = {
             "step": float(trainer.global_step),

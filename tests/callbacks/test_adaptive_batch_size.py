@@ -152,6 +152,20 @@ def test_batch_grows_in_a_real_trainer_and_matches_per_sample_reference():
     assert cb.samples_seen == 2 * N
 
 
+class _NaNLoss(Net):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * float("nan")
+
+
+def test_non_finite_statistics_warn_and_keep_the_batch():
+    # a NaN gradient makes b̂ NaN, which next_batch_size reads as "the test passed"
+    cb = AdaptiveBatchSize(test="norm", eta=0.3, max_batch_size=256)
+    with pytest.warns(UserWarning, match="non-finite gradient statistics"):
+        _trainer([cb], max_steps=3).fit(_NaNLoss())
+    assert cb.batch_size == 8
+    assert all(not math.isfinite(h["variance"]) for h in cb.history)
+
+
 def test_prefetching_workers_get_the_size_at_the_scheduled_batch():
     cb = AdaptiveBatchSize(test="norm", eta=0.3, max_batch_size=128, interval=3)
     rec = Recorder()
