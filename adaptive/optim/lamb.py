@@ -402,12 +402,30 @@ def _lamb_cpu_blocked(
     """CPU: LAMB tensor by tensor, so that a tensor's update is applied while it is in cache.
 
     Tensors of at least ``_APPLY_NOW`` elements are updated as soon as their ratio is known;
-    the small ones (biases, norm weights) are gathered into one foreach update, since for them
-    the per-op overhead outweighs the memory traffic.
+    the small contiguous ones (biases, norm weights, small convolutions) take one multi-tensor
+    call per op (:func:`_moments_and_update_small`) and one foreach update, since for them the
+    per-op overhead outweighs the memory traffic.
     """
     later: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] = ([], [], [], [])
-    for x, g, m, v, step in zip(xs, gs, ms, vs, steps, strict=True):
-        w, x_norm, w_norm = _moments_and_update_blocked(opt, x, g, m, v, step, clip, hp, wd_in, low)
+    small = [
+        i
+        for i, t in enumerate(zip(xs, gs, ms, vs, strict=True))
+        if t[0].numel() < _APPLY_NOW and all(u.is_contiguous() for u in t)
+    ]
+    if small:
+        pick = [[seq[i] for i in small] for seq in (xs, gs, ms, vs, steps)]
+        ws, x_norms, w_norms = _moments_and_update_small(opt, *pick, clip, hp, wd_in, low)
+        later[0].extend(pick[0])
+        later[1].extend(ws)
+        if x_norms is not None and w_norms is not None:
+            later[2].extend(x_norms.unbind())
+            later[3].extend(w_norms.unbind())
+    rest = sorted(set(range(len(xs))) - set(small))
+    for i in rest:
+        x = xs[i]
+        w, x_norm, w_norm = _moments_and_update_blocked(
+            opt, x, gs[i], ms[i], vs[i], steps[i], clip, hp, wd_in, low
+        )
         if x.numel() >= _APPLY_NOW:
             norms = (None, None) if x_norm is None else (x_norm[None], w_norm[None])
             _apply_update([x], None, [w], None, *norms, hp, shrink, low)
@@ -418,6 +436,54 @@ def _lamb_cpu_blocked(
         x_norms = None if not hp["adapt"] else torch.stack(later[2])
         w_norms = None if not hp["adapt"] else torch.stack(later[3])
         _apply_update(later[0], None, later[1], None, x_norms, w_norms, hp, shrink, low)
+
+
+def _moments_and_update_small(
+    opt: Lamb,
+    xs: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    steps: list[Tensor],
+    clip: Tensor | None,
+    hp: dict[str, Any],
+    wd_in: float,
+    low: bool,
+) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
+    """CPU, small contiguous tensors: :func:`_moments_and_update_blocked` as multi-tensor calls.
+
+    Same numbers: scratch ``u = λx``, then the fused Adam kernel adds ``m̂/(√v̂+ε)`` (lr -1).
+    """
+    ws = [opt._scratch_for(x) for x in xs]
+    x32 = [x.float() for x in xs] if low else xs
+    g32 = [g.float() for g in gs] if low else gs
+    if clip is not None:
+        g32 = torch._foreach_div(g32, clip)
+    if wd_in != 0.0:
+        torch._foreach_copy_(ws, x32)
+        torch._foreach_mul_(ws, wd_in)
+    else:
+        torch._foreach_zero_(ws)
+    if not hp["bias_correction"]:
+        steps = [_NO_BIAS_CORRECTION] * len(xs)
+    torch._fused_adam_(
+        ws,
+        g32,
+        ms,
+        vs,
+        [],
+        steps,
+        lr=-1.0,
+        beta1=hp["beta1"],
+        beta2=hp["beta2"],
+        weight_decay=0.0,
+        eps=hp["eps"],
+        amsgrad=False,
+        maximize=False,
+    )
+    if not hp["adapt"]:
+        return ws, None, None
+    return ws, torch.stack(torch._foreach_norm(x32)), torch.stack(torch._foreach_norm(ws))
 
 
 # Tensors at least this large get their update applied right after their moments (see above).
