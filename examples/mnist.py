@@ -24,26 +24,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from adaptive.models import small_cnn
 from adaptive.optim import AdaGradNorm
 from callbacks.adaptive_batch_size import AdaptiveBatchSize
 
 
 def logistic_regression(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, num_classes))
-
-
-def small_cnn(num_classes: int = 10) -> nn.Module:
-    """Three layers: two 5x5 convolutions with max-pooling and a linear head."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, num_classes),
-    )
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -134,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from adaptive.data import mnist
 
         train, test = mnist("train", root=args.data_dir), mnist("test", root=args.data_dir)
-    model = logistic_regression() if args.model == "logistic" else small_cnn()
+    model = logistic_regression() if args.model == "logistic" else small_cnn(kernel_size=5)
     module = Classifier(model, args.optimizer, args.lr, train, test, b0, args.num_workers)
     grow = AdaptiveBatchSize(
         test=args.test,
