@@ -428,7 +428,9 @@ def _lamb_cpu_blocked(
         )
         if x.numel() >= _APPLY_NOW:
             norms = (None, None) if x_norm is None else (x_norm[None], w_norm[None])
-            _apply_update([x], None, [w], None, *norms, hp, shrink, low)
+            dense = x.is_contiguous() and w.is_contiguous()
+            block = opt.cpu_block if dense else 0
+            _apply_update([x], None, [w], None, *norms, hp, shrink, low, block)
             continue
         for dst, item in zip(later, (x, w, x_norm, w_norm), strict=True):
             dst.append(item)
@@ -584,8 +586,13 @@ def _apply_update(
     hp: dict[str, Any],
     shrink: float,
     low: bool,
+    block: int = 0,
 ) -> None:
-    """x <- shrink * x - lr * ratio * k * w (u = k * w), in fp32, written back to low precision."""
+    """x <- shrink * x - lr * ratio * k * w (u = k * w), in fp32, written back to low precision.
+
+    With ``block > 0`` and one contiguous fp32/fp64 tensor, the update walks the tensor in pieces
+    from the end: the pieces the moment pass touched last are the ones still in cache.
+    """
     lr = hp["lr"]
     coefs: list[Tensor] | None = None
     if x_norms is not None and w_norms is not None:
@@ -596,6 +603,17 @@ def _apply_update(
         coefs = list((ratio * -lr if k is None else ratio * k * -lr).unbind())
     elif k is not None:
         coefs = list((k * -lr).unbind())
+    if block > 0 and not low and len(xs) == 1 and xs[0].numel() > block:
+        fx, fw = xs[0].view(-1), ws[0].view(-1)  # both contiguous (checked by the caller)
+        for a in reversed(range(0, fx.numel(), block)):
+            xp, wp = fx[a : a + block], fw[a : a + block]
+            if shrink != 1.0:
+                xp.mul_(shrink)
+            if coefs is not None:
+                xp.addcmul_(wp, coefs[0])
+            else:
+                xp.add_(wp, alpha=-lr)
+        return
     targets = ([x.float() for x in xs] if x32 is None else x32) if low else xs
     if shrink != 1.0:
         torch._foreach_mul_(targets, shrink)
