@@ -189,9 +189,9 @@ class Lamb(Optimizer):
             return None
         device = grads[0].device
         wide = [g for g in grads if g.dtype == torch.float64]  # cannot be narrowed by the norm
-        norms = torch._foreach_norm(wide, 2) if wide else []
+        norms = list(torch._foreach_norm(wide, 2)) if wide else []
         rest = [g for g in grads if g.dtype != torch.float64]
-        norms += torch._foreach_norm(rest, 2, dtype=torch.float32) if rest else []
+        norms += list(torch._foreach_norm(rest, 2, dtype=torch.float32)) if rest else []
         total = torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
         return torch.clamp(total / self.max_grad_norm, min=1.0)
 

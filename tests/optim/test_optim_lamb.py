@@ -372,3 +372,27 @@ def test_lamb_cuda_fast_equals_reference():
             else {"rtol": 1e-5, "atol": 1e-6}
         )
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_lamb_small_tensors_one_dtype_with_clipping_equal_reference(dtype):
+    """Only fp64 (or only bf16) gradients with max_grad_norm: the multi-tensor small-tensor
+    path and the global clipping norm against the reference path."""
+    gen = torch.Generator().manual_seed(7)
+    base = [torch.randn(50, 3, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3)]
+    fast = [b.clone().requires_grad_() for b in base]
+    ref = [b.clone().requires_grad_() for b in base]
+    kw = {"lr": 0.01, "bias_correction": False, "max_grad_norm": 0.3}
+    opt_fast, opt_ref = Lamb(fast, **kw), Lamb(ref, foreach=False, **kw)
+    for s in range(5):
+        g = torch.Generator().manual_seed(40 + s)
+        grads = [torch.randn(b.shape, generator=g, dtype=torch.float64).to(dtype) for b in base]
+        for ps in (fast, ref):
+            for p, gr in zip(ps, grads, strict=True):
+                p.grad = gr.clone()
+        opt_fast.step()
+        opt_ref.step()
+    for a, b, start in zip(fast, ref, base, strict=True):
+        rtol = 1e-12 if dtype == torch.float64 else 8e-3  # bf16: one unit in the last place
+        torch.testing.assert_close(a, b, rtol=rtol, atol=0)
+        assert (a.detach().double() - start.double()).abs().max() > 1e-3  # it moved
