@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,3 +112,79 @@ def make_model(kind: str, seed: int = 0) -> tuple[nn.Module, object]:
 def models():
     """(make_model, data_for) factories."""
     return make_model, data_for
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_ranks(argv_for_rank) -> None:
+    """Start two worker processes (``argv_for_rank(rank, port)``) and wait for both."""
+    port = str(_free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *argv_for_rank(r, port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        log, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, log.decode()[-3000:]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> None:
+    got, want = got.double(), want.double()
+    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    assert err <= rtol, f"relative error {err:.2e}"
+
+
+def _check_two_ranks(r0: dict, r1: dict, kind: str) -> None:
+    """Two ranks that each captured 6 of the 12 samples of ``data_for(kind, 12, seed=4)`` (group
+    ids ``arange(12) % 3``, two micro-batches of 3 per rank) against one process: the exact
+    statistics equal torch.func per-sample gradients on the whole batch; the pooled inner-product
+    estimates and group sums equal one process capturing the same four micro-batches; the reduced
+    ``.grad`` (``res["grads"]``) is ḡ; every rank holds the same global numbers."""
+    from adaptive.stats import GradientStatistics, per_sample_gradients, reference_statistics
+
+    model, loss_fn = make_model(kind)
+    x, y = data_for(kind, 12, seed=4)
+    gids = torch.arange(12) % 3
+    stats = GradientStatistics(model, num_groups=3, per_coordinate=True)
+    for k in range(4):
+        sl = slice(3 * k, 3 * k + 3)
+        with stats.capture(group_ids=gids[sl]):
+            (loss_fn(model(x[sl]), y[sl]) / 4).backward()
+    single = stats.result()
+    ref = reference_statistics(per_sample_gradients(model, loss_fn, x, y))
+    for res in (r0, r1):
+        assert res["batch_size"] == 12
+        for n in ("sum_sq_norms", "grad_sq_norm", "variance", "noise_scale"):
+            _close(res[n], ref[n])
+        for n in (
+            "inner_product_variance",
+            "orthogonality_variance",
+            "group_counts",
+            "group_sum_sq_norms",
+        ):
+            _close(res[n], getattr(single, n))
+        for n, v in res["coordinate_sq_sums"].items():
+            _close(v, ref["coordinate_sq_sums"][n])
+            _close(res["mean_grads"][n], ref["mean_grads"][n])
+            _close(res["grads"][n], ref["mean_grads"][n])
+    for n in ("variance", "inner_product_variance"):
+        assert torch.equal(r0[n], r1[n])  # identical on every rank
+    local = torch.cat([r0["per_sample_sq_norms"], r1["per_sample_sq_norms"]])
+    _close(local, ref["per_sample_sq_norms"])
+
+
+@pytest.fixture(scope="session")
+def two_ranks():
+    """(run_two_ranks(argv_for_rank), check_two_ranks(r0, r1, kind)) for the distributed tests."""
+    return _run_two_ranks, _check_two_ranks
