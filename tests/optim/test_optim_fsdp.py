@@ -16,16 +16,9 @@ fails to flatten, and on CPU a ResNet's shards came out non-finite before the ro
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 WORKER = textwrap.dedent(
     """
@@ -89,26 +82,10 @@ WORKER = textwrap.dedent(
 
 
 @pytest.mark.ddp
-def test_sharded_steps_equal_unsharded_steps(tmp_path):
+def test_sharded_steps_equal_unsharded_steps(tmp_path, run_two_ranks):
     script = tmp_path / "fsdp_optim_worker.py"
     script.write_text(WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env["PYTHONPATH"] = str(ROOT)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), port, str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(2)
-    ]
-    for p in procs:
-        log, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, log.decode()[-3000:]
+    run_two_ranks(lambda r, port: [str(script), str(r), port, str(tmp_path)])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 6
     for res in ranks:

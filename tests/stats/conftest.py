@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,31 +108,6 @@ def models():
     return make_model, data_for
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_two_ranks(argv_for_rank) -> None:
-    """Start two worker processes (``argv_for_rank(rank, port)``) and wait for both."""
-    port = str(_free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    procs = [
-        subprocess.Popen(
-            [sys.executable, *argv_for_rank(r, port)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(2)
-    ]
-    for p in procs:
-        log, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, log.decode()[-3000:]
-
-
 def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> None:
     got, want = got.double(), want.double()
     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
@@ -185,6 +154,6 @@ def _check_two_ranks(r0: dict, r1: dict, kind: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def two_ranks():
+def two_ranks(run_two_ranks):
     """(run_two_ranks(argv_for_rank), check_two_ranks(r0, r1, kind)) for the distributed tests."""
-    return _run_two_ranks, _check_two_ranks
+    return run_two_ranks, _check_two_ranks
