@@ -18,6 +18,7 @@ per-sample gradients; all work stays on the device (no ``.item()`` while capturi
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -128,6 +129,15 @@ class _Site:
 
 def _add(acc: Tensor | None, x: Tensor) -> Tensor:
     return x if acc is None else acc + x
+
+
+def _batch_sum(g: Tensor) -> Tensor:
+    """Σ_i g_i over axis 0; a contiguous batch goes through a matrix-vector product, which reads
+    it once in order (``sum(0)`` is a strided reduction, about twice as slow on CPU)."""
+    if not g.is_contiguous() or g.dim() < 2:
+        return g.sum(0)
+    ones = torch.ones(g.shape[0], dtype=g.dtype, device=g.device)
+    return (ones @ g.reshape(g.shape[0], -1)).reshape(g.shape[1:])
 
 
 class _FusedWeightGrads(torch.autograd.Function):
@@ -248,6 +258,7 @@ class GradientStatistics:
         self._handles: list[Any] = []
         self._current: _MicroBatch | None = None
         self._mode = "per_sample"
+        self._buffer: Tensor | None = None
         self._sites = self._discover()
         self.reset()
 
@@ -499,6 +510,24 @@ class GradientStatistics:
             p.requires_grad_(False)
         mb.toggled[site.name] = toggled
 
+    # Per-sample gradients are materialised for at most this many elements at once (64 MiB of
+    # float32); a larger batch goes through in chunks of samples.
+    _CHUNK_ELEMENTS = 1 << 24
+
+    def _workspace(self, shape: tuple[int, ...]) -> Tensor:
+        """A float32 CPU buffer for per-sample gradients, reused from step to step.
+
+        Freshly allocated large tensors are fresh pages, and on CPU each page costs a fault on
+        first touch (several milliseconds per step on the benchmark's VM); CUDA's caching allocator
+        reuses its memory already, so this is only used on CPU. One buffer serves every layer:
+        backward hands the sensor one layer at a time.
+        """
+        n = math.prod(shape)
+        buf = self._buffer
+        if buf is None or buf.numel() < n:
+            buf = self._buffer = torch.empty(n, dtype=torch.float32)
+        return buf[:n].view(shape)
+
     def _on_fused_grad(
         self, site: _Site, a: Tensor, locals_: list[str], grad: Tensor
     ) -> tuple[Tensor, ...]:
@@ -507,24 +536,46 @@ class GradientStatistics:
         d = grad.detach()
         b = d.shape[0]
         mb = self._current
+        names = frozenset(locals_)
+        params = {local: p for local, (_, p) in site.params.items()}
+        chunk = max(1, self._CHUNK_ELEMENTS // max(1, sum(params[k].numel() for k in locals_)))
+        out = self._workspace if d.device.type == "cpu" else None
+
+        def chunks() -> Iterator[dict[str, Tensor]]:
+            for s in range(0, b, chunk):
+                yield rule.per_sample_params(
+                    site.module, a[s : s + chunk], d[s : s + chunk], names, out
+                )
+
+        # per-sample tensors may be permuted views: reduce over dims, never reshape
+        # (a reshape would copy with a bad stride pattern).
+        def rest(g: Tensor) -> tuple[int, ...]:
+            return tuple(range(1, g.dim()))
+
+        if mb is not None:
+            self._start(mb, b, site.name)
         with torch.autocast(device_type=d.device.type, enabled=False):
-            per = rule.per_sample_params(site.module, a, d, frozenset(locals_))
-            sums = {k: g.sum(0) for k, g in per.items()}
-            if mb is not None:  # else backward ran after detach(): only supply the gradients
-                self._start(mb, b, site.name)
-
-                # per-sample tensors may be permuted views: reduce over dims, never reshape
-                # (a reshape would copy with a bad stride pattern).
-                def rest(g: Tensor) -> tuple[int, ...]:
-                    return tuple(range(1, g.dim()))
-
-                sq = sum(g.square().sum(rest(g)) for g in per.values())
-                mb.sq = _add(mb.sq, sq)  # type: ignore[arg-type]
+            sums: dict[str, Tensor] = {}
+            sq: list[Tensor] = []
+            dots: list[Tensor] = []
+            per: dict[str, Tensor] = {}
+            for per in chunks():
+                for k, g in per.items():
+                    sums[k] = _add(sums.get(k), _batch_sum(g))
+                if mb is None:  # backward ran after detach(): only supply the gradients
+                    continue
+                # the norm reduces without a squared copy of the per-sample gradients
+                sq.append(
+                    sum(torch.linalg.vector_norm(g, dim=rest(g)).square() for g in per.values())
+                )
                 if self._target is not None:
+                    dot = None
                     for k, g in per.items():
                         t = self._target.get(site.params[k][0])
                         if t is not None:
-                            mb.target_dots = _add(mb.target_dots, (g * t).sum(rest(g)))
+                            dot = _add(dot, (g * t).sum(rest(g)))
+                    if dot is not None:
+                        dots.append(dot)
                 if self.per_coordinate:
                     w = self._scale_factor() ** 2
                     for k, g in per.items():
@@ -534,10 +585,19 @@ class GradientStatistics:
                         )
                         prev = self._coord.get(full)
                         self._coord[full] = c if prev is None else prev + c
+            if mb is not None:
+                mb.sq = _add(mb.sq, torch.cat(sq) if len(sq) > 1 else sq[0])
+                if dots:
+                    mb.target_dots = _add(
+                        mb.target_dots, torch.cat(dots) if len(dots) > 1 else dots[0]
+                    )
                 if self.inner_products:
-                    for k, g in per.items():
-                        mb.inner = _add(mb.inner, (g * sums[k]).sum(rest(g)))
-        params = {local: p for local, (_, p) in site.params.items()}
+                    # ⟨g_i, Σ_j g_j⟩ needs the whole sum first: one chunk is still at hand,
+                    # several are rebuilt
+                    parts = []
+                    for p in [per] if chunk >= b else chunks():
+                        parts.append(sum((g * sums[k]).sum(rest(g)) for k, g in p.items()))
+                    mb.inner = _add(mb.inner, torch.cat(parts) if len(parts) > 1 else parts[0])
         return tuple(sums[k].to(params[k].dtype) for k in locals_)
 
     def _on_output_grad(self, site: _Site, a: Tensor, grad: Tensor) -> None:

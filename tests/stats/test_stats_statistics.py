@@ -13,6 +13,7 @@ from adaptive.stats import (
     per_sample_gradients,
     reference_statistics,
 )
+from adaptive.stats.layers import ConvRule, LinearRule
 
 # torch.func has no batching rule for CPU flash attention yet: the reference is slower, not wrong
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -327,12 +328,15 @@ def test_bad_group_ids():
 
 
 def conv_zoo() -> nn.Module:
-    """Convolutions that take each code path: direct (groups=1, many positions), im2col with
-    groups, Gram (few positions, many channels), Conv1d, non-zero padding modes."""
+    """Convolutions that take each code path: direct (groups=1, few inputs per output channel),
+    im2col (groups=1, C_in·k ≥ 64; and grouped), Gram (few positions, many channels), Conv1d,
+    non-zero padding modes."""
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1, padding_mode="replicate"),  # direct
         nn.Tanh(),
-        nn.Conv2d(4, 8, 3, stride=2, groups=2),  # im2col, grouped
+        nn.Conv2d(4, 8, 4, padding=3, dilation=2),  # im2col: 64 inputs per output channel
+        nn.Tanh(),
+        nn.Conv2d(8, 8, 3, stride=2, groups=2),  # im2col, grouped
         nn.Tanh(),
         nn.Conv2d(8, 16, 3),  # 1 output position: Gram with T = 1
         nn.Flatten(1),
@@ -360,6 +364,48 @@ def test_conv_paths_and_fused_weight_gradients(fuse):
     for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         close(p.grad, q.grad, rtol=1e-5)
         assert p.requires_grad, n
+
+
+@pytest.mark.parametrize("kind", ["cnn", "block"])
+def test_fused_layers_in_chunks_of_samples(models, kind, monkeypatch):
+    """A budget of a few per-sample gradients at a time splits every fused layer's batch into
+    chunks; the statistics (inner products, which need the whole sum first, included), the
+    per-coordinate sums, the target dots and the gradients are unchanged."""
+    make_model, data_for = models
+    model, loss_fn = make_model(kind)
+    reference = __import__("copy").deepcopy(model)
+    x, y = data_for(kind, 7, seed=4)
+    # room for the per-sample gradients of 2 samples of the smallest layer at a time
+    layer_sizes = [sum(p.numel() for p in m.parameters()) for m in model.children()]
+    smallest = min(n for n in layer_sizes if n > 0)
+    monkeypatch.setattr(GradientStatistics, "_CHUNK_ELEMENTS", 2 * smallest)
+    torch.manual_seed(1)
+    target = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    stats = GradientStatistics(model, per_coordinate=True, num_groups=2)
+    stats.set_target(target)
+    gids = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    chunk_sizes = []
+    for rule in (LinearRule, ConvRule):
+        original = rule.per_sample_params
+
+        def counted(self, module, a, d, *rest, original=original):
+            chunk_sizes.append(d.shape[0])
+            return original(self, module, a, d, *rest)
+
+        monkeypatch.setattr(rule, "per_sample_params", counted)
+    with stats.capture(group_ids=gids):
+        loss_fn(model(x), y).backward()
+    # every fused layer went through in chunks that add up to the batch
+    assert chunk_sizes and max(chunk_sizes) < 7 and sum(chunk_sizes) % 7 == 0
+    s = stats.result()
+    ref = reference_statistics(
+        per_sample_gradients(model, loss_fn, x, y), target=target, group_ids=gids, num_groups=2
+    )
+    check_all(s, ref)
+    close(s.group_grad_dots, ref["group_grad_dots"])
+    loss_fn(reference(x), y).backward()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        close(p.grad, q.grad, rtol=1e-5)
 
 
 def test_fused_layers_restore_requires_grad_after_errors(models):
