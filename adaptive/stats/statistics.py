@@ -186,7 +186,10 @@ class GradientStatistics:
             materialising its per-sample weight gradients, let the sensor also supply the layer's
             batch gradient as their sum, so autograd does not compute it a second time (the
             layer's parameters have ``requires_grad`` switched off during its forward call
-            only). ``False`` leaves every gradient to autograd.
+            only). ``False`` leaves every gradient to autograd. Which calls fuse is decided by
+            :func:`adaptive.stats.layers.materialising_pays`; per-sample gradients are built for
+            at most 2^24 elements at a time (a larger batch goes in chunks of samples), on CPU in
+            one buffer kept between steps.
 
     Accumulation. Several ``capture()`` blocks before one :meth:`result` are micro-batches of one
     batch, each micro-batch's mean loss divided by the number ``A`` of micro-batches (Lightning's
