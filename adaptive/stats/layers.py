@@ -312,29 +312,51 @@ class ConvRule(_GroupedMatmulRule):
         n_out = module.out_channels // module.groups
         return materialising_pays(positions, n_in, n_out)
 
-    # Below this many inputs per output channel (C_in·kh·kw) the grouped convolution of
-    # ``_direct`` beats im2col + batched matmul on CPU (measured: 1 input channel, 5×5 kernel).
-    _IM2COL_MIN_INPUTS = 64
+    # Below this many inputs per output channel (C_in·kh·kw / groups) the grouped convolution of
+    # ``_direct`` beats the grouped weight gradient on CPU (measured: 1 input channel, 5×5 kernel).
+    _DIRECT_MAX_INPUTS = 64
+
+    @staticmethod
+    def _grouped_wgrad(module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
+        """Per-sample weight gradients ``(b, *weight.shape)`` as the weight gradient of one
+        convolution over a batch of one, with the samples stacked on the channel axis and
+        ``groups = b·groups`` (sample i's output channels see only sample i's input channels), so
+        the convolution library's own weight-gradient kernel does all samples in one call."""
+        x, kernel, dilation, stride = _padded_2d(module, a)
+        d = d.float()
+        if d.dim() == 3:  # Conv1d
+            d = d.unsqueeze(2)
+        b, c = x.shape[:2]
+        o = d.shape[1]
+        # only the weight's shape is read: a broadcast scalar stands in for it
+        weight = x.new_empty(()).expand(b * o, c // module.groups, *kernel)
+        grads = torch.ops.aten.convolution_backward(
+            d.reshape(1, b * o, *d.shape[2:]),
+            x.reshape(1, b * c, *x.shape[2:]),
+            weight,
+            None,
+            list(stride),
+            [0, 0],
+            list(dilation),
+            False,
+            [0, 0],
+            b * module.groups,
+            [False, True, False],
+        )[1]
+        return grads.reshape(b, *module.weight.shape)
 
     def per_sample_params(self, module, a, d, names, out=None):
         b = d.shape[0]
         res: dict[str, Tensor] = {}
         if "weight" in names:
-            g = module.groups
-            n_in = module.in_channels // g * math.prod(module.kernel_size)
-            if g == 1 and n_in < self._IM2COL_MIN_INPUTS:
+            n_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+            if module.groups == 1 and n_in < self._DIRECT_MAX_INPUTS:
                 w = self._direct(module, a, d)  # (C_in, b, C_out, kh, kw)
                 w = w.permute(1, 2, 0, 3, 4)  # (b, C_out, C_in, kh, kw), a view
                 if w.shape[2:] != module.weight.shape[1:]:  # Conv1d: drop the unit height
                     w = w.reshape(b, *module.weight.shape)
             else:
-                cols = _im2col(module, a)  # (b, C_in·k, L)
-                n_out = module.out_channels // g
-                x = cols.reshape(b * g, n_in, cols.shape[-1])
-                dd = d.float().reshape(b * g, n_out, -1)
-                shape = (b * g, n_out, n_in)
-                w = torch.bmm(dd, x.transpose(1, 2), out=None if out is None else out(shape))
-                w = w.reshape(b, *module.weight.shape)
+                w = self._grouped_wgrad(module, a, d)
             res["weight"] = w
         if "bias" in names:
             res["bias"] = _conv_bias_grads(d)

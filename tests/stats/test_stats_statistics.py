@@ -329,14 +329,14 @@ def test_bad_group_ids():
 
 def conv_zoo() -> nn.Module:
     """Convolutions that take each code path: direct (groups=1, few inputs per output channel),
-    im2col (groups=1, C_in·k ≥ 64; and grouped), Gram (few positions, many channels), Conv1d,
-    non-zero padding modes."""
+    grouped weight gradient (groups=1 with C_in·k ≥ 64, and groups > 1), Gram (few positions,
+    many channels), Conv1d, non-zero padding modes."""
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1, padding_mode="replicate"),  # direct
         nn.Tanh(),
-        nn.Conv2d(4, 8, 4, padding=3, dilation=2),  # im2col: 64 inputs per output channel
+        nn.Conv2d(4, 8, 4, padding=3, dilation=2),  # grouped wgrad: 64 inputs per channel
         nn.Tanh(),
-        nn.Conv2d(8, 8, 3, stride=2, groups=2),  # im2col, grouped
+        nn.Conv2d(8, 8, 3, stride=2, groups=2),  # grouped wgrad, groups > 1
         nn.Tanh(),
         nn.Conv2d(8, 16, 3),  # 1 output position: Gram with T = 1
         nn.Flatten(1),
