@@ -71,12 +71,16 @@ def materialising_pays(t: int, n_in: int, n_out: int) -> bool:
     """Whether to materialise the per-sample weight gradients ``(b, n_out, n_in)`` of a layer with
     ``t`` positions and hand their sum to autograd as the batch gradient ("fusing").
 
-    Fused, the per-sample contraction replaces autograd's own weight gradient (same MACs), so what
-    it adds is a less efficient batched matmul (about a quarter of ``t·n_in·n_out``, measured on
-    CPU) and two passes over the ``n_in·n_out`` result (norm and batch sum, about 8 MAC-equivalents
-    per element); the Gram form adds ``t²(n_in + n_out)`` MACs per sample on top of autograd.
+    Fused, the per-sample contraction replaces autograd's own weight gradient (same MACs), but on
+    CPU it costs about as much again (``t·n_in·n_out``: a batch of small matmuls runs well below
+    one large one's speed, and the per-sample result is fresh memory), plus two passes over the
+    ``n_in·n_out`` result (norm and batch sum, about 8 MAC-equivalents per element); the Gram form
+    adds ``t²(n_in + n_out)`` MACs per sample on top of autograd. Measured with
+    ``benchmarks/stats_overhead.py`` (2 threads): the transformer block's 64-position Linears
+    stay on the Gram form (1.25× a plain step; fusing them gave 1.36×), the small CNN's
+    convolutions fuse.
     """
-    return t > 1 and t * t * (n_in + n_out) >= n_in * n_out * (8 + t / 4)
+    return t > 1 and t * t * (n_in + n_out) >= n_in * n_out * (8 + t)
 
 
 def _grouped_coordinate_sq(x: Tensor, d: Tensor) -> Tensor:
