@@ -32,7 +32,7 @@ from adaptive.selection._checks import (
     kept_count,
 )
 from adaptive.selection.projection import FourierSketch
-from adaptive.selection.utility import masked_logits
+from adaptive.selection.utility import masked_logits, nuclear_norms
 
 Gather = Callable[[Tensor], Tensor]
 
@@ -139,7 +139,7 @@ class UDSSelector:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(s, sketches, utility)`` for the candidates, without touching the memory."""
         matrices = masked_logits(logits, attention_mask)
-        utility = torch.linalg.svdvals(matrices).sum(dim=-1)
+        utility = nuclear_norms(matrices)
         sketches = self._sketch_for(matrices, logits.dim() == 2)(matrices)
         memory = self.memory()
         if memory is None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from adaptive.selection import FourierSketch, UDSSelector, uds_utility
+from adaptive.selection.utility import nuclear_norms
 
 
 def _reference_utility(logits, mask):
@@ -162,3 +163,15 @@ def test_bad_arguments_raise_clear_errors():
     sel(torch.randn(3, 4, 7))
     with pytest.raises(ValueError, match="one selector serves one model"):
         sel(torch.randn(3, 4, 8))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 400), (2, 7, 3), (4, 1, 9), (2, 6, 6)])
+def test_nuclear_norms_from_the_gram_matrix_equal_svd(shape):
+    """Wide (tokens < vocabulary), tall, one row and square matrices, one of them rank-deficient."""
+    torch.manual_seed(0)
+    m = torch.randn(shape) * 3.0
+    m[0, -1] = m[0, 0]  # a repeated row: a zero singular value
+    want = torch.linalg.svdvals(m.double()).sum(dim=-1)
+    got = nuclear_norms(m)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
