@@ -77,7 +77,7 @@ def data_for(kind: str, b: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     if kind == "conv1d":
         return torch.randn(b, 2, 12, generator=g), torch.randint(0, 3, (b,), generator=g)
     if kind == "block":
-        ids = torch.randint(0, 40, (b, 16), generator=g)  # 16 positions: the Linears fuse
+        ids = torch.randint(0, 40, (b, 16), generator=g)  # 16 positions: the 16→16 projection fuses
         ids[:, :2] = torch.randint(1, 4, (b, 2), generator=g)  # repeated ids within a sample
         ids[0, -1] = 0  # a padding token
         return ids, torch.randint(0, 40, (b, 16), generator=g)
