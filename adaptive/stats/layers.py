@@ -326,10 +326,7 @@ class ConvRule(_GroupedMatmulRule):
         convolution over a batch of one, with the samples stacked on the channel axis and
         ``groups = b·groups`` (sample i's output channels see only sample i's input channels), so
         the convolution library's own weight-gradient kernel does all samples in one call."""
-        x, kernel, dilation, stride = _padded_2d(module, a)
-        d = d.float()
-        if d.dim() == 3:  # Conv1d
-            d = d.unsqueeze(2)
+        x, d, kernel, dilation, stride = ConvRule._as_2d(module, a, d)
         b, c = x.shape[:2]
         o = d.shape[1]
         # only the weight's shape is read: a broadcast scalar stands in for it
