@@ -43,8 +43,9 @@ __all__ = [
 
 _NormBatch = nn.modules.batchnorm._BatchNorm
 
-# Hands out a float32 buffer of the given shape (contents undefined) for per-sample gradients.
-Workspace = Callable[[tuple[int, ...]], Tensor]
+# Hands out a float32 buffer of the given shape (contents undefined); buffers with different
+# ``slot`` numbers do not overlap. Slot 0 holds the per-sample gradients, others scratch operands.
+Workspace = Callable[..., Tensor]
 
 
 class UnsupportedModuleError(TypeError):
@@ -159,6 +160,13 @@ class LayerRule:
 
     def check(self, name: str, module: nn.Module) -> None:
         """Raise UnsupportedModuleError where this module instance cannot be handled."""
+
+    def elements_per_sample(
+        self, module: nn.Module, d: Tensor, names: frozenset[str], workspace: bool
+    ) -> int:
+        """Float32 elements ``per_sample_params`` materialises per sample (the caller chunks the
+        batch to bound them); ``workspace``: whether it is given an ``out`` buffer."""
+        return sum(p.numel() for n, p in module.named_parameters(recurse=False) if n in names)
 
     def fusable(self, module: nn.Module, a: Tensor) -> bool:
         """True where this call materialises per-sample weight gradients anyway (so the batch
@@ -316,9 +324,58 @@ class ConvRule(_GroupedMatmulRule):
         n_out = module.out_channels // module.groups
         return materialising_pays(positions, n_in, n_out)
 
-    # Below this many inputs per output channel (C_in·kh·kw / groups) the grouped convolution of
-    # ``_direct`` beats the grouped weight gradient on CPU (measured: 1 input channel, 5×5 kernel).
+    def elements_per_sample(self, module, d, names, workspace):
+        n = super().elements_per_sample(module, d, names, workspace)
+        if workspace and "weight" in names:  # the im2col operand (and a channels-last copy)
+            n_in = module.weight[0].numel() * module.groups
+            n += d[0, 0].numel() * n_in + n_in * math.prod(module.kernel_size)
+        return n
+
+    # Without a workspace (CUDA), below this many inputs per output channel (C_in·kh·kw / groups)
+    # the grouped convolution of ``_direct`` beats the grouped weight gradient (measured on CPU,
+    # before the workspace path: 1 input channel, 5×5 kernel).
     _DIRECT_MAX_INPUTS = 64
+
+    @staticmethod
+    def _im2col_bmm(module: nn.Module, a: Tensor, d: Tensor, out: Workspace) -> Tensor:
+        """Per-sample weight gradients ``G_i = Δ_i X_iᵀ`` as one batched matmul over an im2col
+        copy made into the workspace, shape ``(b, *weight.shape)`` (may be a permuted view).
+
+        On CPU this beats the convolution library's grouped weight gradient (small CNN, batch
+        128: 16→32 5×5 layer 2.5 against 3.0 ms, 1→16 layer 0.8 against 1.2 ms) and, with every
+        operand in reused buffers, faults in no fresh pages. The copy reads whichever layout has
+        the longer contiguous runs: output rows (``(b, C, kh, kw, ho, wo)``, runs of ``wo`` at
+        stride 1) or, for ``groups == 1``, a channels-last copy of the input (``(b, ho, wo, kh,
+        kw, C)``, runs of ``kw·C`` at dilation 1).
+        """
+        x, d, (kh, kw), (rh, rw), (sh, sw) = ConvRule._as_2d(module, a, d)
+        b, c, h, w = x.shape
+        o, ho, wo = d.shape[1:]
+        g = module.groups
+        run_rows = wo if sw == 1 else 1
+        run_channels = c * kw if rw == 1 else c
+        if g == 1 and run_channels > run_rows:
+            xc = out((b, h, w, c), slot=2)
+            xc.copy_(x.permute(0, 2, 3, 1))
+            st = xc.stride()
+            cols = out((b, ho, wo, kh, kw, c), slot=1)
+            cols.copy_(
+                xc.as_strided(
+                    cols.shape, (st[0], st[1] * sh, st[2] * sw, st[1] * rh, st[2] * rw, 1)
+                )
+            )
+            # Gᵢᵀ = Xᵢ Δᵢᵀ: MKL runs this orientation faster for these shapes
+            gt = out((b, kh * kw * c, o))
+            torch.bmm(cols.view(b, ho * wo, -1).transpose(1, 2), d.reshape(b, o, -1).mT, out=gt)
+            return gt.view(b, kh, kw, c, o).permute(0, 4, 3, 1, 2).reshape(b, *module.weight.shape)
+        st = x.stride()
+        cols = out((b, c, kh, kw, ho, wo), slot=1)
+        cols.copy_(
+            x.as_strided(cols.shape, (st[0], st[1], st[2] * rh, st[3] * rw, st[2] * sh, st[3] * sw))
+        )
+        per = out((b * g, o // g, c // g * kh * kw))
+        torch.bmm(d.reshape(b * g, o // g, ho * wo), cols.view(b * g, -1, ho * wo).mT, out=per)
+        return per.view(b, *module.weight.shape)
 
     @staticmethod
     def _grouped_wgrad(module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
@@ -351,7 +408,9 @@ class ConvRule(_GroupedMatmulRule):
         res: dict[str, Tensor] = {}
         if "weight" in names:
             n_in = module.in_channels // module.groups * math.prod(module.kernel_size)
-            if module.groups == 1 and n_in < self._DIRECT_MAX_INPUTS:
+            if out is not None:
+                w = self._im2col_bmm(module, a, d, out)
+            elif module.groups == 1 and n_in < self._DIRECT_MAX_INPUTS:
                 w = self._direct(module, a, d)  # (C_in, b, C_out, kh, kw)
                 w = w.permute(1, 2, 0, 3, 4)  # (b, C_out, C_in, kh, kw), a view
                 if w.shape[2:] != module.weight.shape[1:]:  # Conv1d: drop the unit height

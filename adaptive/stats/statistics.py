@@ -132,12 +132,21 @@ def _add(acc: Tensor | None, x: Tensor) -> Tensor:
 
 
 def _batch_sum(g: Tensor) -> Tensor:
-    """Σ_i g_i over axis 0; a contiguous batch goes through a matrix-vector product, which reads
-    it once in order (``sum(0)`` is a strided reduction, about twice as slow on CPU)."""
-    if not g.is_contiguous() or g.dim() < 2:
+    """Σ_i g_i over axis 0; a batch laid out densely with the samples outermost (contiguous, or a
+    permuted view of such a tensor) goes through a matrix-vector product, which reads it once in
+    order (``sum(0)`` is a strided reduction, about twice as slow on CPU)."""
+    if g.dim() < 2:
+        return g.sum(0)
+    order = sorted(range(1, g.dim()), key=lambda i: -g.stride(i))
+    dense = g.permute(0, *order)
+    if not dense.is_contiguous():
         return g.sum(0)
     ones = torch.ones(g.shape[0], dtype=g.dtype, device=g.device)
-    return (ones @ g.reshape(g.shape[0], -1)).reshape(g.shape[1:])
+    total = (ones @ dense.reshape(g.shape[0], -1)).reshape(dense.shape[1:])
+    back = [0] * len(order)
+    for pos, dim in enumerate(order):
+        back[dim - 1] = pos
+    return total.permute(*back)
 
 
 class _FusedWeightGrads(torch.autograd.Function):
@@ -261,7 +270,7 @@ class GradientStatistics:
         self._handles: list[Any] = []
         self._current: _MicroBatch | None = None
         self._mode = "per_sample"
-        self._buffer: Tensor | None = None
+        self._buffers: dict[int, Tensor] = {}
         self._sites = self._discover()
         self.reset()
 
@@ -517,18 +526,19 @@ class GradientStatistics:
     # float32); a larger batch goes through in chunks of samples.
     _CHUNK_ELEMENTS = 1 << 24
 
-    def _workspace(self, shape: tuple[int, ...]) -> Tensor:
-        """A float32 CPU buffer for per-sample gradients, reused from step to step.
+    def _workspace(self, shape: tuple[int, ...], slot: int = 0) -> Tensor:
+        """A float32 CPU buffer of ``shape`` for per-sample gradients (slot 0) or scratch operands
+        (other slots), reused from step to step.
 
         Freshly allocated large tensors are fresh pages, and on CPU each page costs a fault on
         first touch (several milliseconds per step on the benchmark's VM); CUDA's caching allocator
-        reuses its memory already, so this is only used on CPU. One buffer serves every layer:
-        backward hands the sensor one layer at a time.
+        reuses its memory already, so this is only used on CPU. One set of buffers serves every
+        layer: backward hands the sensor one layer at a time.
         """
         n = math.prod(shape)
-        buf = self._buffer
+        buf = self._buffers.get(slot)
         if buf is None or buf.numel() < n:
-            buf = self._buffer = torch.empty(n, dtype=torch.float32)
+            buf = self._buffers[slot] = torch.empty(n, dtype=torch.float32)
         return buf[:n].view(shape)
 
     def _on_fused_grad(
@@ -541,8 +551,10 @@ class GradientStatistics:
         mb = self._current
         names = frozenset(locals_)
         params = {local: p for local, (_, p) in site.params.items()}
-        chunk = max(1, self._CHUNK_ELEMENTS // max(1, sum(params[k].numel() for k in locals_)))
         out = self._workspace if d.device.type == "cpu" else None
+        per_sample = rule.elements_per_sample(site.module, d, names, out is not None)
+        chunk = max(1, self._CHUNK_ELEMENTS // max(1, per_sample))
+        chunk = -(-b // -(-b // chunk))  # equal chunks: one kernel shape, not a ragged last one
 
         def chunks() -> Iterator[dict[str, Tensor]]:
             for s in range(0, b, chunk):

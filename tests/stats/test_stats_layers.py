@@ -1,4 +1,5 @@
-"""Layer rules: the strided im2col against ``F.unfold``, and the fusion cost rule written out."""
+"""Layer rules: the strided im2col against ``F.unfold``, the fusion cost rule written out, and the
+per-sample convolution gradients of every code path against torch.func."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
-from adaptive.stats.layers import _im2col, materialising_pays
+from adaptive.stats.layers import ConvRule, _im2col, materialising_pays
 
 
 @pytest.mark.parametrize(
@@ -61,3 +63,48 @@ def test_fusion_rule_compares_gram_macs_with_materialising_cost(t, n_in, n_out, 
     fused = n_in * n_out * (8 + t)  # two passes over the result + a second weight gradient
     assert (t > 1 and gram >= fused) == fuse
     assert materialising_pays(t, n_in, n_out) == fuse
+
+
+@pytest.mark.parametrize(
+    ("conv", "channels_last"),
+    [
+        (nn.Conv2d(16, 4, 3), True),  # runs of kw·C = 48 beat output rows of 6
+        (nn.Conv2d(16, 6, 3, stride=2, padding=1, padding_mode="reflect"), True),
+        (nn.Conv2d(16, 4, (3, 2), stride=(1, 2), dilation=(2, 2), padding=(2, 1)), True),
+        (nn.Conv1d(16, 5, 4, stride=2, dilation=2, padding=3), True),
+        (nn.Conv2d(2, 4, 3, padding=2, padding_mode="replicate", dilation=2), False),
+        (nn.Conv2d(1, 3, 3), False),  # one input channel: output rows of 6 beat runs of 3
+        (nn.Conv2d(8, 4, 3, groups=2, padding="same"), False),  # groups: always rows
+        (nn.Conv1d(4, 6, 3, groups=2, padding=1, padding_mode="circular"), False),
+    ],
+)
+def test_conv_per_sample_weight_gradients_every_path(conv, channels_last):
+    """Per-sample weight and bias gradients from the im2col matmul (both copy layouts, given a
+    workspace) and from the convolution paths (no workspace), against torch.func."""
+    torch.manual_seed(0)
+    shape = (
+        (5, conv.in_channels, 13) if isinstance(conv, nn.Conv1d) else (5, conv.in_channels, 9, 8)
+    )
+    a = torch.randn(shape)
+    d = torch.randn_like(conv(a))
+    params = {k: v.detach() for k, v in conv.named_parameters()}
+
+    def pairing(p, ai, di):  # ⟨conv(a_i), δ_i⟩: its gradient is sample i's parameter gradient
+        return (functional_call(conv, p, (ai.unsqueeze(0),)) * di.unsqueeze(0)).sum()
+
+    want = vmap(grad(pairing), in_dims=(None, 0, 0))(params, a, d)
+    slots: set[int] = set()
+    buffers: dict[int, torch.Tensor] = {}
+
+    def workspace(shape, slot=0):
+        slots.add(slot)
+        buffers[slot] = torch.full(shape, float("nan"))  # stale contents must not leak through
+        return buffers[slot]
+
+    rule = ConvRule()
+    names = frozenset(["weight", "bias"])
+    for out in (workspace, None):
+        got = rule.per_sample_params(conv, a, d, names, out)
+        torch.testing.assert_close(got["weight"], want["weight"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["bias"], want["bias"], rtol=1e-4, atol=1e-5)
+    assert (2 in slots) == channels_last

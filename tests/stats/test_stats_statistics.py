@@ -14,6 +14,7 @@ from adaptive.stats import (
     reference_statistics,
 )
 from adaptive.stats.layers import ConvRule, LinearRule
+from adaptive.stats.statistics import _batch_sum
 
 # torch.func has no batching rule for CPU flash attention yet: the reference is slower, not wrong
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -425,3 +426,18 @@ def test_fused_layers_restore_requires_grad_after_errors(models):
     reference(x).square().mean().backward()
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         close(p.grad, q.grad, rtol=1e-5)
+
+
+def test_batch_sum_of_contiguous_permuted_and_strided_batches():
+    """The matrix-vector batch sum reads dense permuted views (what the channels-last conv path
+    hands back) in memory order and falls back to ``sum(0)`` for anything else."""
+    g = torch.randn(6, 3, 4, 5, dtype=torch.float64)
+    views = [
+        g,  # contiguous
+        g.permute(0, 3, 1, 2),  # dense, samples outermost
+        g.reshape(6, 60)[:, :30].reshape(6, 3, 10),  # strided: a slice of each sample
+        g.transpose(0, 1),  # samples not outermost
+    ]
+    for v in views:
+        torch.testing.assert_close(_batch_sum(v), v.sum(0), rtol=1e-12, atol=1e-12)
+        assert _batch_sum(v).shape == v.shape[1:]
