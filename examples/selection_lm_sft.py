@@ -52,9 +52,14 @@ timings share the machine's load:
 
    Reported: held-out loss and accuracy every ``--eval-every`` steps against trained samples, wall
    time per step and the selection overhead per step (scoring forward and selection).
+
+   The scoring forward (for ``high_loss`` and both UDS variants) runs under bfloat16 CPU autocast
+   by default (``--score-dtype``; what ``precision="bf16-mixed"`` gives the Lightning callback);
+   the selectors read its logits in float32, and training stays float32 throughout.
 2. One pass over the same super-batches: training on all candidates of each (one step per
-   super-batch) versus UDS (scoring forward on all of them under ``torch.inference_mode``, then
-   training on ``--keep`` and on half as many: 25% and 12.5% with the defaults); the time ratio
+   super-batch) versus UDS (bfloat16 scoring forward on all of them under
+   ``torch.inference_mode``, then training on ``--keep`` and on half as many: 25% and 12.5% with
+   the defaults); the time ratio
    UDS / full (issue 7 goal ≤ 0.6; the UDS paper reports 3.41 against 2.27 samples/s). One more
    super-batch before the timed ones warms every model up (first allocations, optimizer state).
 
@@ -324,10 +329,20 @@ def train_step(model, opt, ids, mask, labels) -> None:
     opt.step()
 
 
-def score_logits(model, ids, mask) -> Tensor:
+SCORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def score_logits(model, ids, mask, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Logits of the no-grad scoring forward; ``bfloat16`` runs it under CPU autocast (what
+    Lightning's ``precision="bf16-mixed"`` does for the callback's scoring forward): about 1.7×
+    faster than fp32 for SmolLM2-135M on this machine's AVX512-BF16 cores (1.17 against 1.94 s
+    for 16 sequences, one thread). The selectors read the logits in float32 either way."""
     model.eval()
-    with torch.inference_mode():
-        return model(input_ids=ids, attention_mask=mask).logits
+    with (
+        torch.inference_mode(),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16),
+    ):
+        return model(input_ids=ids, attention_mask=mask).logits.float()
 
 
 def make_selectors(args, methods, keep):
@@ -348,10 +363,10 @@ def make_selectors(args, methods, keep):
     return out
 
 
-def choose(method, selector, model, ids, mask, labels) -> Tensor:
+def choose(method, selector, model, ids, mask, labels, dtype=torch.float32) -> Tensor:
     if method == "uniform":
         return selector(ids.shape[0])
-    logits = score_logits(model, ids, mask)
+    logits = score_logits(model, ids, mask, dtype)
     with torch.inference_mode():
         if method == "high_loss":
             keep = selector(per_sample_loss(logits, labels, shift=True))
@@ -413,7 +428,9 @@ def equal_samples(args, task: Task, methods, progress):
         ids, mask, labels = collate([task.pool[i] for i in batches[step]], task.pad_id)
         for m in methods:
             t0 = time.perf_counter()
-            keep = choose(m, selectors[m], models[m], ids, mask, labels)
+            keep = choose(
+                m, selectors[m], models[m], ids, mask, labels, SCORE_DTYPES[args.score_dtype]
+            )
             t1 = time.perf_counter()
             train_step(models[m], opts[m], ids[keep], mask[keep], labels[keep])
             t2 = time.perf_counter()
@@ -453,7 +470,9 @@ def same_pass(args, task: Task, progress):
         t_full += (time.perf_counter() - t0) * timed
         for k in keeps:
             t0 = time.perf_counter()
-            keep = choose("uds", selectors[k], uds[k], ids, mask, labels)
+            keep = choose(
+                "uds", selectors[k], uds[k], ids, mask, labels, SCORE_DTYPES[args.score_dtype]
+            )
             t1 = time.perf_counter()
             train_step(uds[k], opts[k], ids[keep], mask[keep], labels[keep])
             t_uds[k] += (time.perf_counter() - t0) * timed
@@ -616,6 +635,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-batch", type=_positive("--eval-batch"), default=16)
     ap.add_argument(
         "--pass-batches", type=int, default=6, help="timed super-batches of the pass (0: skip)"
+    )
+    ap.add_argument(
+        "--score-dtype",
+        choices=sorted(SCORE_DTYPES),
+        default="bfloat16",
+        help="scoring forward precision (training stays float32)",
     )
     ap.add_argument("--alpha", type=float, default=1.0, help="UDS diversity weight (z-scored)")
     ap.add_argument("--memory", type=_positive("--memory"), default=1024, help="UDS memory")

@@ -74,8 +74,9 @@ def materialising_pays(t: int, n_in: int, n_out: int) -> bool:
 
     Fused, the per-sample contraction replaces autograd's own weight gradient (same MACs), but on
     CPU it costs about as much again (``t·n_in·n_out``: a batch of small matmuls runs well below
-    one large one's speed, and the per-sample result is fresh memory), plus two passes over the
-    ``n_in·n_out`` result (norm and batch sum, about 8 MAC-equivalents per element); the Gram form
+    one large one's speed, and the per-sample result, with a convolution's im2col operand, goes
+    through memory rather than cache), plus two passes over the ``n_in·n_out`` result (norm and
+    batch sum, about 8 MAC-equivalents per element); the Gram form
     adds ``t²(n_in + n_out)`` MACs per sample on top of autograd. Measured with
     ``benchmarks/stats_overhead.py`` (2 threads): the transformer block's 64-position Linears
     stay on the Gram form (1.25× a plain step; fusing them gave 1.36×), the small CNN's
@@ -162,10 +163,10 @@ class LayerRule:
         """Raise UnsupportedModuleError where this module instance cannot be handled."""
 
     def elements_per_sample(
-        self, module: nn.Module, d: Tensor, names: frozenset[str], workspace: bool
+        self, module: nn.Module, a: Tensor, d: Tensor, names: frozenset[str], workspace: bool
     ) -> int:
-        """Float32 elements ``per_sample_params`` materialises per sample (the caller chunks the
-        batch to bound them); ``workspace``: whether it is given an ``out`` buffer."""
+        """About how many float32 elements ``per_sample_params`` materialises per sample (the
+        caller chunks the batch to bound them); ``workspace``: whether it gets an ``out``."""
         return sum(p.numel() for n, p in module.named_parameters(recurse=False) if n in names)
 
     def fusable(self, module: nn.Module, a: Tensor) -> bool:
@@ -324,11 +325,10 @@ class ConvRule(_GroupedMatmulRule):
         n_out = module.out_channels // module.groups
         return materialising_pays(positions, n_in, n_out)
 
-    def elements_per_sample(self, module, d, names, workspace):
-        n = super().elements_per_sample(module, d, names, workspace)
-        if workspace and "weight" in names:  # the im2col operand (and a channels-last copy)
-            n_in = module.weight[0].numel() * module.groups
-            n += d[0, 0].numel() * n_in + n_in * math.prod(module.kernel_size)
+    def elements_per_sample(self, module, a, d, names, workspace):
+        n = super().elements_per_sample(module, a, d, names, workspace)
+        if workspace and "weight" in names:  # the im2col operand and a channels-last input copy
+            n += d[0, 0].numel() * module.weight[0].numel() * module.groups + a[0].numel()
         return n
 
     # Without a workspace (CUDA), below this many inputs per output channel (C_in·kh·kw / groups)

@@ -552,7 +552,7 @@ class GradientStatistics:
         names = frozenset(locals_)
         params = {local: p for local, (_, p) in site.params.items()}
         out = self._workspace if d.device.type == "cpu" else None
-        per_sample = rule.elements_per_sample(site.module, d, names, out is not None)
+        per_sample = rule.elements_per_sample(site.module, a, d, names, out is not None)
         chunk = max(1, self._CHUNK_ELEMENTS // max(1, per_sample))
         chunk = -(-b // -(-b // chunk))  # equal chunks: one kernel shape, not a ragged last one
 

@@ -33,7 +33,9 @@ def _load():
 def run(tmp_path_factory):
     module = _load()
     out = tmp_path_factory.mktemp("lm_sft")
-    result = module.main(["--quick", "--out", str(out), "--no-progress", "--seeds", "0"])
+    # float32 scoring, so the picks can be checked exactly against float32 recomputations
+    argv = ["--quick", "--out", str(out), "--no-progress", "--seeds", "0"]
+    result = module.main([*argv, "--score-dtype", "float32"])
     return module, out, result
 
 
@@ -113,3 +115,23 @@ def test_first_uds_selection_is_topk_nuclear_norm_of_response_rows(run):
             losses.append(model(input_ids=ids, labels=labels).loss)
     expected_hl = torch.topk(torch.stack(losses), 4).indices.tolist()
     assert result["runs"][0]["first_selection"]["high_loss"] == expected_hl
+
+
+def test_bfloat16_scoring_forward_is_close_to_float32(run):
+    """The default bfloat16 scoring forward (CPU autocast) gives float32 logits within bf16
+    rounding of the float32 forward, and nuclear norms within 2%."""
+    module, _, _ = run
+    model = _tiny_model(module)
+    pairs = module.synthetic_pairs(8, seed=3)
+    ids, mask, labels = module.collate(pairs, 0)
+    full = module.score_logits(model, ids, mask, torch.float32)
+    half = module.score_logits(model, ids, mask, module.SCORE_DTYPES["bfloat16"])
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    assert not torch.equal(half, full)  # autocast really ran in bfloat16
+    rel = (half - full).norm() / full.norm()
+    assert rel < 2e-2, float(rel)
+    rows = module.response_rows(labels)
+    for i in range(len(pairs)):
+        want = torch.linalg.matrix_norm(full[i][rows[i].bool()], ord="nuc")
+        got = torch.linalg.matrix_norm(half[i][rows[i].bool()], ord="nuc")
+        assert got == pytest.approx(float(want), rel=2e-2)
