@@ -519,7 +519,7 @@ def write_results(out: Path, stem: str, result: dict) -> None:
         "step in one process.",
         "",
         f"Machine: {mach['platform']}, {mach['cpus']} CPUs, {cfg['threads']} torch thread(s) "
-        f"(shared with other jobs: timings are ratios of interleaved runs); torch {mach['torch']}, "
+        f"({mach['note']}); torch {mach['torch']}, "
         f"transformers {result['setup'].get('transformers')}, python {mach['python']}; "
         f"{result['date']}.",
         "",
@@ -547,7 +547,7 @@ def write_results(out: Path, stem: str, result: dict) -> None:
         lines.append(
             f"| {m} | {_mean([p['loss'] for p in last]):.4f} | "
             f"{_mean([p['accuracy'] for p in last]):.4f} | {deltas} | {total:.2f} | "
-            f"{select:.2f} | {total / base if base else float('nan'):.2f}× |"
+            f"{select:.2f} | {f'{total / base:.2f}×' if base else '-'} |"
         )
     passes = [r for r in runs if "same_pass" in r]
     if passes:
@@ -651,6 +651,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=_positive("--threads"), default=1, help="torch threads")
     ap.add_argument("--out", default="benchmarks/results", help="result directory")
     ap.add_argument("--stem", default=None, help="result file name (default selection_lm_sft)")
+    ap.add_argument(
+        "--note",
+        default="other jobs may share the machine: timings are ratios of interleaved runs",
+        help="what else ran on the machine, stored with the results",
+    )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
@@ -682,14 +687,16 @@ def main(argv=None) -> dict:
     result = {
         "setup": task.setup,
         "methods": list(methods),
-        "config": {k: v for k, v in vars(args).items() if k not in ("no_progress", "out", "stem")},
+        "config": {
+            k: v for k, v in vars(args).items() if k not in ("no_progress", "out", "stem", "note")
+        },
         "runs": [],
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "python": platform.python_version(),
-            "note": "machine shared with other jobs; methods interleaved step by step",
+            "note": args.note,
         },
         "command": "python examples/selection_lm_sft.py " + " ".join(sys.argv[1:])
         if argv is None
