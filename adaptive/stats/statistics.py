@@ -714,7 +714,9 @@ class GradientStatistics:
 
         # ---- local accumulators (all additive across ranks)
         names = sorted(self._grad_sums)
-        grad_sums = [self._grad_sums[n].reshape(-1) * mult for n in names]
+        grad_sums = [self._grad_sums[n].reshape(-1) for n in names]
+        if mult != 1.0:
+            grad_sums = [t * mult for t in grad_sums]
         count = torch.tensor(float(sum(mb.size for mb in records)), device=device, dtype=f32)
         n_groups_k = torch.tensor(float(k_local), device=device, dtype=f32)
         scalars: list[Tensor] = [count, n_groups_k]
@@ -782,10 +784,10 @@ class GradientStatistics:
 
         b = sc[0]
         k_total = sc[1]
-        grad_sq = torch.zeros((), device=device, dtype=f32)
-        for t in gs:
-            grad_sq = grad_sq + t.square().sum()
-        grad_sq = grad_sq / b.square()
+        # one reduction over the gradient sums' stretch of the all-reduced buffer
+        start = sum(sizes[: n_sc + len(vectors)])
+        grad_sq = flat[start : start + sum(sizes[n_sc + len(vectors) :][: len(gs)])]
+        grad_sq = torch.linalg.vector_norm(grad_sq).square() / b.square()
 
         res: dict[str, Any] = {}
         if per_sample:
