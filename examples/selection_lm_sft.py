@@ -70,7 +70,7 @@ held-out set; results are rewritten after each seed.
 32, vocabulary 128) and the data by a synthetic pair task (:func:`synthetic_pairs`); it needs only
 transformers and runs in seconds (the test suite runs it).
 
-    python examples/selection_lm_sft.py                       # real run, ~22 min per seed, 1 thread
+    python examples/selection_lm_sft.py                       # real run, ~17 min per seed, 1 thread
     python examples/selection_lm_sft.py --quick --out /tmp/x  # seconds
 
 Setup: ``apt-get install -y dict-gcide``, ``pip install "transformers>=4.56" gguf accelerate``

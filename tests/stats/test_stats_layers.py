@@ -103,8 +103,16 @@ def test_conv_per_sample_weight_gradients_every_path(conv, channels_last):
 
     rule = ConvRule()
     names = frozenset(["weight", "bias"])
-    for out in (workspace, None):
-        got = rule.per_sample_params(conv, a, d, names, out)
-        torch.testing.assert_close(got["weight"], want["weight"], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(got["bias"], want["bias"], rtol=1e-4, atol=1e-5)
+    # the same input as a channel slice of a wider tensor (non-zero offset, gaps) and, in 2-D,
+    # in channels-last memory order
+    wide = torch.randn(a.shape[0], a.shape[1] + 2, *a.shape[2:])
+    wide[:, 1:-1] = a
+    inputs = [a, wide[:, 1:-1]]
+    if a.dim() == 4:
+        inputs.append(a.contiguous(memory_format=torch.channels_last))
+    for x in inputs:
+        for out in (workspace, None):
+            got = rule.per_sample_params(conv, x, d, names, out)
+            torch.testing.assert_close(got["weight"], want["weight"], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got["bias"], want["bias"], rtol=1e-4, atol=1e-5)
     assert (2 in slots) == channels_last
