@@ -240,17 +240,31 @@ def sync_free_capture(factory, loss_fn, x, y, device) -> bool | None:
     return ok
 
 
-def time_steps(fn: Callable[[], object], steps: int, device: torch.device, clock: str) -> float:
-    """Seconds per step: wall time, or this process's CPU time (robust on a shared CPU)."""
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is unavailable)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_steps(
+    fn: Callable[[], object], steps: int, device: torch.device, clock: str
+) -> tuple[float, float]:
+    """Seconds per step (wall time, or this process's CPU time, robust on a shared CPU) and minor
+    page faults per step: on CPU, memory the allocator handed back to the OS and takes again
+    faults in page by page, which moves step times by milliseconds from run to run."""
     now = time.process_time if clock == "process" else time.perf_counter
     if device.type == "cuda":
         torch.cuda.synchronize()
+    f0 = _minor_faults()
     t0 = now()
     for _ in range(steps):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (now() - t0) / steps
+    return (now() - t0) / steps, (_minor_faults() - f0) / steps
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -286,13 +300,15 @@ def run(args: argparse.Namespace) -> dict:
                 fn()
         times: dict[str, list[float]] = {k: [] for k in methods}
         ratios: dict[str, list[float]] = {k: [] for k in methods}
+        faults: dict[str, list[float]] = {k: [] for k in methods}
         order = list(methods)
         for r in tqdm(range(args.rounds), desc=f"{name} b={batch}"):
             rot = order[r % len(order) :] + order[: r % len(order)]  # rotate who goes first
             this = {k: time_steps(methods[k], args.steps, device, args.clock) for k in rot}
-            for k, v in this.items():
+            for k, (v, f) in this.items():
                 times[k].append(v)
-                ratios[k].append(v / this["plain"])
+                ratios[k].append(v / this["plain"][0])
+                faults[k].append(f)
         out["models"][name] = {
             "batch": batch,
             "sync_free_capture": sync_free_capture(factory, loss_fn, x, y, device),
@@ -302,6 +318,7 @@ def run(args: argparse.Namespace) -> dict:
                     "ratio_to_plain_median": statistics.median(ratios[k]),
                     "ratio_to_plain_min": min(ratios[k]),
                     "ratio_to_plain_max": max(ratios[k]),
+                    "median_page_faults_per_step": statistics.median(faults[k]),
                 }
                 for k in methods
             },
@@ -329,13 +346,15 @@ def markdown(res: dict) -> str:
             "",
             f"## {name}, batch {r['batch']}",
             "",
-            "| method | step (ms) | × plain (median) | min–max |",
-            "|---|---:|---:|---:|",
+            "| method | step (ms) | × plain (median) | min–max | page faults / step |",
+            "|---|---:|---:|---:|---:|",
         ]
         for k, v in r["methods"].items():
+            pf = v.get("median_page_faults_per_step")
             lines.append(
                 f"| {k} | {v['median_step_ms']:.2f} | {v['ratio_to_plain_median']:.2f} | "
-                f"{v['ratio_to_plain_min']:.2f}–{v['ratio_to_plain_max']:.2f} |"
+                f"{v['ratio_to_plain_min']:.2f}–{v['ratio_to_plain_max']:.2f} | "
+                f"{'-' if pf is None else f'{pf:.0f}'} |"
             )
         if r["sync_free_capture"] is not None:
             lines.append(

@@ -1,0 +1,65 @@
+"""Fast checks of the gradient-statistics benchmark (tiny batches, one round, no files)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "stats_overhead.py"
+_SPEC = importlib.util.spec_from_file_location("bench_stats_overhead", _PATH)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+def test_methods_agree_on_per_sample_norms():
+    """Every timed method computes the same per-sample squared norms (torch.func written out
+    here as the reference), so the table compares like with like."""
+    factory, loss_fn, x, y = bench.make_case("cnn", 6, torch.device("cpu"))
+    x, y = x[:6], y[:6]
+    methods = bench.build_methods(factory, loss_fn, x, y, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = factory()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, yi):
+        return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    want = sum(g.reshape(6, -1).square().sum(1) for g in per.values())
+    # ours returns the noise scale; the peers return per-sample squared norms of the sample's
+    # own loss (vmap, and Opacus, which undoes the mean) or of its term in the mean loss
+    # (BackPACK: 1/b of the gradient, so 1/b² of the squared norm)
+    torch.testing.assert_close(methods["vmap"](), want, rtol=1e-4, atol=1e-7)
+    if "opacus" in methods:
+        torch.testing.assert_close(methods["opacus"](), want, rtol=1e-4, atol=1e-7)
+    if "backpack" in methods:
+        torch.testing.assert_close(methods["backpack"]() * 36, want, rtol=1e-4, atol=1e-7)
+    noise = methods["ours_norms"]()
+    mean = sum(g.mean(0).square().sum() for g in per.values())
+    variance = (want.sum() - 6 * mean) / 5
+    torch.testing.assert_close(noise, variance / mean, rtol=1e-4, atol=0)
+
+
+def test_one_round_table_has_every_method_and_page_faults():
+    args = argparse.Namespace(
+        device="cpu",
+        models=["cnn", "block"],
+        batches=[4, 2],
+        rounds=1,
+        steps=1,
+        warmup=0,
+        clock="process",
+        note="test",
+    )
+    res = bench.run(args)
+    for name in ("cnn", "block"):
+        methods = res["models"][name]["methods"]
+        assert {"plain", "ours_norms", "ours_all", "vmap"} <= set(methods)
+        assert methods["plain"]["ratio_to_plain_median"] == 1.0
+        assert all(m["median_page_faults_per_step"] >= 0 for m in methods.values())
+    table = bench.markdown(res)
+    assert "| ours_norms |" in table and "page faults / step" in table
