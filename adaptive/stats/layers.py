@@ -52,20 +52,34 @@ class UnsupportedModuleError(TypeError):
     """A module has no per-sample rule, or couples the samples of a batch (BatchNorm in training)."""
 
 
-def _grouped_sq_norms(x: Tensor, d: Tensor) -> Tensor:
-    """Σ_g ‖Δ_ig X_igᵀ‖² for x (b,g,n_in,T), d (b,g,n_out,T); picks the cheaper contraction."""
+def _grouped_sq_norms(x: Tensor, d: Tensor, bias: bool = False) -> Tensor:
+    """Σ_g ‖Δ_ig X_igᵀ‖² for x (b,g,n_in,T), d (b,g,n_out,T), plus the bias gradients'
+    ``Σ_g ‖Δ_ig 1‖²`` where ``bias``; picks the cheaper contraction.
+
+    The bias rides along for free in the Gram and one-position forms: a bias is a weight column
+    whose input is 1 at every position, so it adds 1 to every input inner product
+    (``‖G_i‖² + ‖b_i‖² = Σ_{s,t} (x_is·x_it + 1)(δ_is·δ_it)``), with no extra pass over Δ.
+    """
     b, _, n_in, t = x.shape
     n_out = d.shape[2]
     if t == 1:
-        return (x.square().sum(2) * d.square().sum(2)).reshape(b, -1).sum(1)
+        xx = x.square().sum(2)
+        if bias:
+            xx = xx + 1
+        return (xx * d.square().sum(2)).reshape(b, -1).sum(1)
     if t * (n_in + n_out) < n_in * n_out:
         xt = x.transpose(-1, -2)
         dt = d.transpose(-1, -2)
         gram_x = xt @ x  # (b,g,T,T)
+        if bias:
+            gram_x += 1
         gram_d = dt @ d
         return (gram_x * gram_d).reshape(b, -1).sum(1)
     g = d @ x.transpose(-1, -2)  # (b,g,n_out,n_in)
-    return g.square().reshape(b, -1).sum(1)
+    out = g.square().reshape(b, -1).sum(1)
+    if bias:
+        out = out + d.sum(-1).square().reshape(b, -1).sum(1)
+    return out
 
 
 def materialising_pays(t: int, n_in: int, n_out: int) -> bool:
@@ -198,10 +212,10 @@ class _GroupedMatmulRule(LayerRule):
 
     def sq_norms(self, module, a, d, names):
         x, dd = self.operands(module, a, d)
+        if "weight" in names:
+            return _grouped_sq_norms(x, dd, bias="bias" in names)
         b = x.shape[0]
         out = torch.zeros(b, device=d.device, dtype=torch.float32)
-        if "weight" in names:
-            out = out + _grouped_sq_norms(x, dd)
         if "bias" in names:
             out = out + dd.sum(-1).square().reshape(b, -1).sum(1)
         return out

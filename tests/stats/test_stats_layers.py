@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from adaptive.stats.layers import ConvRule, _im2col, materialising_pays
+from adaptive.stats.layers import ConvRule, _grouped_sq_norms, _im2col, materialising_pays
 
 
 @pytest.mark.parametrize(
@@ -116,3 +116,19 @@ def test_conv_per_sample_weight_gradients_every_path(conv, channels_last):
             torch.testing.assert_close(got["weight"], want["weight"], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(got["bias"], want["bias"], rtol=1e-4, atol=1e-5)
     assert (2 in slots) == channels_last
+
+
+@pytest.mark.parametrize(
+    ("t", "n_in", "n_out"),
+    [(1, 5, 3), (4, 16, 12), (9, 3, 2)],  # one position, Gram form, materialised form
+)
+def test_grouped_sq_norms_with_and_without_bias_against_explicit_gradients(t, n_in, n_out):
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, n_in, t, dtype=torch.float64)
+    d = torch.randn(6, 2, n_out, t, dtype=torch.float64)
+    weight = torch.einsum("bgot,bgit->bgoi", d, x)  # per-sample, per-group weight gradients
+    bias = d.sum(-1)  # a bias sees input 1 at every position
+    w_sq = weight.square().sum((1, 2, 3))
+    b_sq = bias.square().sum((1, 2))
+    torch.testing.assert_close(_grouped_sq_norms(x, d), w_sq)
+    torch.testing.assert_close(_grouped_sq_norms(x, d, bias=True), w_sq + b_sq)
