@@ -24,6 +24,13 @@ jobs, wall time mostly measures the neighbours: the default clock there is this 
 time (use ``--threads 1`` with it, so idle-spinning worker threads are not counted). On CUDA, one captured step runs
 under ``torch.cuda.set_sync_debug_mode("error")`` to show the capture does not synchronise.
 
+Every method's minor page faults per step are reported beside its time. On CPU, glibc hands large
+freed blocks back to the OS and the next step faults them in again page by page (about 1 µs
+each), which moves step times by milliseconds from run to run depending on the allocator's state.
+``--keep-freed-memory`` tells glibc (``mallopt``) to keep freed memory for reuse, for every method
+alike, so the ratios measure computation rather than that lottery; the default measures the
+process as a user runs it.
+
 Usage::
 
     python benchmarks/stats_overhead.py --device cpu --rounds 7 --steps 5
@@ -240,6 +247,24 @@ def sync_free_capture(factory, loss_fn, x, y, device) -> bool | None:
     return ok
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory in the process (no trimming, no per-block mmap): later
+    allocations reuse pages that are already mapped. Returns False where that is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # from glibc's malloc.h
+    big = 1 << 30
+    return all(
+        libc.mallopt(opt, val) == 1
+        for opt, val in ((m_trim_threshold, big), (m_top_pad, 256 << 20), (m_mmap_threshold, big))
+    )
+
+
 def _minor_faults() -> int:
     """Minor page faults of this process so far (0 where ``resource`` is unavailable)."""
     try:
@@ -286,6 +311,7 @@ def run(args: argparse.Namespace) -> dict:
             "steps": args.steps,
             "warmup": args.warmup,
             "clock": args.clock,
+            "keep_freed_memory": bool(getattr(args, "keep_freed_memory", False)),
         },
         "models": {},
     }
@@ -338,6 +364,12 @@ def markdown(res: dict) -> str:
         f"- {res['settings']['rounds']} interleaved rounds × {res['settings']['steps']} steps, "
         f"{res['settings']['clock']} clock; "
         "ratio = step time / plain forward+backward in the same round, median (min–max) over rounds",
+        "- allocator: "
+        + (
+            "glibc told to keep freed memory (`--keep-freed-memory`)"
+            if res["settings"].get("keep_freed_memory")
+            else "glibc defaults (freed memory goes back to the OS)"
+        ),
     ]
     if m.get("note"):
         lines.append(f"- note: {m['note']}")
@@ -378,6 +410,11 @@ def main() -> None:
         default=None,
         help="wall time, or process CPU time (default: process on CPU, wall on CUDA)",
     )
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory (mallopt) for every method: no page-fault lottery",
+    )
     p.add_argument("--note", default="", help="free text stored with the results")
     p.add_argument("--out", default=str(RESULTS / "stats_overhead"), help="path without suffix")
     args = p.parse_args()
@@ -388,6 +425,8 @@ def main() -> None:
         p.error("--batches needs one value per model")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory and not keep_freed_memory():
+        p.error("--keep-freed-memory needs glibc")
     if args.clock is None:
         args.clock = "wall" if args.device.startswith("cuda") else "process"
     res = run(args)

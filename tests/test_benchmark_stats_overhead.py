@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import platform
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
@@ -63,3 +68,34 @@ def test_one_round_table_has_every_method_and_page_faults():
         assert all(m["median_page_faults_per_step"] >= 0 for m in methods.values())
     table = bench.markdown(res)
     assert "| ours_norms |" in table and "page faults / step" in table
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_stops_page_faults_on_reallocation():
+    """After ``keep_freed_memory()`` a freed 16 MB block is reused without faulting its pages in
+    again (by default glibc unmaps it and the next allocation faults ~4000 pages). Run in a
+    child process: mallopt changes the whole process."""
+    code = textwrap.dedent(
+        f"""
+        import resource, sys, torch
+        sys.path.insert(0, {str(_PATH.parent)!r})
+        import stats_overhead as b
+
+        def faults():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(5):
+                x = torch.empty(4_000_000)
+                x.fill_(1.0)
+                del x
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+        before = faults()
+        assert b.keep_freed_memory()
+        faults()  # the heap grows once
+        print(before, faults())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after = map(int, out.stdout.split())
+    assert before > 5 * 1000  # 16 MB is ~3900 pages, faulted in on every allocation
+    assert after < 50
