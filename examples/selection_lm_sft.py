@@ -50,6 +50,9 @@ timings share the machine's load:
    - ``uds_seq``: the same with every non-padding row (prompt and response), the paper's
      reference choice (which, unlike here, also counts padding rows).
 
+   ``--uds-per-row`` divides both UDS variants' utility by the sample's row count: the nuclear
+   norm grows with the number of rows, so the paper's utility keeps long responses.
+
    Reported: held-out loss and accuracy every ``--eval-every`` steps against trained samples, wall
    time per step and the selection overhead per step (scoring forward and selection).
 
@@ -359,6 +362,7 @@ def make_selectors(args, methods, keep):
                 memory_size=args.memory,
                 max_length=args.max_length_sketch,
                 seed=args.seed,
+                per_row_utility=args.uds_per_row,
             )
     return out
 
@@ -515,7 +519,8 @@ def write_results(out: Path, stem: str, result: dict) -> None:
         f"{result['setup']['data']}: {result['setup']['train_pool']} training pairs, "
         f"{result['setup']['held_out']} fixed held-out pairs. Super-batch {cfg['super_batch']}, "
         f"keep {cfg['keep']}, {cfg['steps']} steps per method, AdamW lr {cfg['lr']}, UDS α "
-        f"{cfg['alpha']}, memory {cfg['memory']}; seeds {seeds}. Methods interleaved step by "
+        f"{cfg['alpha']}{', per-row utility' if cfg.get('uds_per_row') else ''}, memory "
+        f"{cfg['memory']}; seeds {seeds}. Methods interleaved step by "
         "step in one process.",
         "",
         f"Machine: {mach['platform']}, {mach['cpus']} CPUs, {cfg['threads']} torch thread(s) "
@@ -644,6 +649,11 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--alpha", type=float, default=1.0, help="UDS diversity weight (z-scored)")
     ap.add_argument("--memory", type=_positive("--memory"), default=1024, help="UDS memory")
+    ap.add_argument(
+        "--uds-per-row",
+        action="store_true",
+        help="UDS utility divided by the sample's row count (UDSSelector(per_row_utility=True))",
+    )
     ap.add_argument("--max-length-sketch", type=_positive("--max-length-sketch"), default=64)
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--seeds", default="0", help="comma-separated seeds")

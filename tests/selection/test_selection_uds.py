@@ -175,3 +175,25 @@ def test_nuclear_norms_from_the_gram_matrix_equal_svd(shape):
     got = nuclear_norms(m)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_per_row_utility_divides_the_nuclear_norm_by_the_unmasked_rows():
+    """Utility-only selection (α = 0) with ``per_row_utility``: top-k of ‖L_i‖_* / n_i, with the
+    nuclear norm from a float64 SVD of the unpadded rows written out here."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(9, 6, 11, generator=g)
+    mask = torch.ones(9, 6)
+    lengths = [6, 2, 5, 3, 6, 1, 4, 2, 6]
+    for i, n in enumerate(lengths):
+        mask[i, n:] = 0
+    want = torch.stack(
+        [torch.linalg.svdvals(logits[i, :n].double()).sum() / n for i, n in enumerate(lengths)]
+    )
+    sel = UDSSelector(k=3, alpha=0.0, per_row_utility=True, max_length=6)
+    assert sel(logits, mask).tolist() == torch.topk(want, 3).indices.tolist()
+    torch.testing.assert_close(sel.last_utility.double(), want, rtol=1e-5, atol=0)
+    # the paper's utility (no division) prefers the long rows
+    plain = UDSSelector(k=3, alpha=0.0, max_length=6)
+    assert min(lengths[i] for i in plain(logits, mask).tolist()) >= 5
+    with pytest.raises(TypeError, match="per_row_utility"):
+        UDSSelector(k=3, alpha=0.0, per_row_utility=1)
