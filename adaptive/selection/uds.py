@@ -67,7 +67,8 @@ class UDSSelector:
             norm grows with the row count (between ``r√n`` and ``n·r`` for ``n`` rows of norm
             ``r``), so the paper's utility prefers long sequences; on SmolLM2-135M's GCIDE
             definitions (``examples/selection_lm_sft.py``) the kept responses average 15.7
-            tokens against 10.7 for all candidates. Off by default (the paper's utility).
+            tokens against 10.7 for all candidates, and 9.9 with this option
+            (``benchmarks/selection_length_bias.py``). Off by default (the paper's utility).
 
     Call ``selector(logits, attention_mask)`` with ``(b, T, V)`` or ``(b, C)`` logits: returns the
     ``(min(k, b),)`` kept indices (best first, on the logits' device) and pushes their sketches
