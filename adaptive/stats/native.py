@@ -1,0 +1,150 @@
+"""Binding of the compiled CPU kernel ``_kernels.c``: per-sample weight-gradient norms and their
+batch sum in one pass, without storing the per-sample gradients.
+
+The kernel is built when the package is installed (``setup.py``, an optional extension: without a
+C compiler the install goes on and the sensor uses its torch code). It is a plain shared library,
+loaded with ctypes; it runs on torch's OpenMP threads (see ``_kernels.c``). Nothing is compiled
+at run time.
+
+For sample ``i`` with output gradients ``δ_it`` (``O`` values) and input rows ``x_it`` (``N``
+values) at positions ``t``, the per-sample weight gradient is ``G_i = Σ_t δ_it x_itᵀ``; the kernel
+returns ``Σ_i G_i`` (autograd's batch weight gradient) and ``‖G_i‖²`` for every ``i``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "conv2d_sums_and_norms", "linear_sums_and_norms"]
+
+_P = ctypes.c_void_p
+_L = ctypes.c_long
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+# Set ADAPTIVE_NATIVE=0 to use the torch code paths even where the kernel is built.
+_ENV = "ADAPTIVE_NATIVE"
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_kernels{suffix}"
+        if path.exists():
+            lib = ctypes.CDLL(str(path))
+            fn = lib.adaptive_psg
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_int, _P, _L, _L, _L, _P, _P, _L, _L, _L, _L, _P, ctypes.c_int]
+            fn.argtypes += [_P, _P]
+            _lib = lib
+            break
+    return _lib
+
+
+def available() -> bool:
+    """Whether the compiled kernel is installed and not switched off (``ADAPTIVE_NATIVE=0``)."""
+    return os.environ.get(_ENV, "1") != "0" and _load() is not None
+
+
+Workspace = Callable[..., Tensor]
+
+
+def _run(
+    conv: bool,
+    d: Tensor,
+    d_strides: tuple[int, int, int],
+    a: Tensor,
+    geom: list[int],
+    t_len: int,
+    n: int,
+    out: Workspace,
+) -> tuple[Tensor, Tensor]:
+    lib = _load()
+    assert lib is not None
+    b, o = d.shape[0], d.shape[1] if conv else d.shape[-1]
+    padded = -(-n // 16) * 16
+    threads = max(1, min(torch.get_num_threads(), b))
+    s = out((threads, o, padded), slot=0)
+    scratch = out((threads, t_len, padded), slot=1)
+    norms = torch.empty(b, dtype=torch.float32)
+    g = (ctypes.c_long * len(geom))(*geom)
+    used = lib.adaptive_psg(
+        int(conv),
+        d.data_ptr(),
+        *d_strides,
+        a.data_ptr(),
+        g,
+        b,
+        t_len,
+        o,
+        n,
+        s.data_ptr(),
+        threads,
+        norms.data_ptr(),
+        scratch.data_ptr(),
+    )
+    if used == 0:
+        raise MemoryError("adaptive_psg: no memory for the convolution's column offsets")
+    # a new tensor (the workspace is reused by the next layer): autograd keeps it as the gradient
+    return s[:used].sum(0)[:, :n], norms
+
+
+def linear_sums_and_norms(a: Tensor, d: Tensor, out: Workspace) -> tuple[Tensor, Tensor]:
+    """``(Σ_i G_i, ‖G_i‖²)`` for a Linear layer: ``a`` (b, ..., N) input, ``d`` (b, ..., O) output
+    gradient, float32 on CPU; shapes ``(O, N)`` and ``(b,)``."""
+    b, n = a.shape[0], a.shape[-1]
+    x = a.reshape(b, -1, n)
+    dd = d.reshape(b, -1, d.shape[-1])
+    t_len = x.shape[1]
+    return _run(
+        False,
+        dd,
+        (dd.stride(0), dd.stride(1), dd.stride(2)),
+        x,
+        [x.stride(0), x.stride(1), x.stride(2)],
+        t_len,
+        n,
+        out,
+    )
+
+
+def conv2d_sums_and_norms(
+    x: Tensor,
+    d: Tensor,
+    kernel: tuple[int, int],
+    dilation: tuple[int, int],
+    stride: tuple[int, int],
+    out: Workspace,
+) -> tuple[Tensor, Tensor]:
+    """``(Σ_i G_i, ‖G_i‖²)`` for a convolution with ``groups == 1``: ``x`` the padded input
+    (b, C, H, W), ``d`` the output gradient (b, O, Ho, Wo), float32 on CPU; the sum has shape
+    ``(O, C·kh·kw)`` in the weight's ``(c, kh, kw)`` order."""
+    b, c = x.shape[:2]
+    o, ho, wo = d.shape[1:]
+    d3 = d.reshape(b, o, ho * wo)
+    geom = [
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
+        wo,
+        kernel[0],
+        kernel[1],
+        stride[0],
+        stride[1],
+        dilation[0],
+        dilation[1],
+    ]
+    n = c * kernel[0] * kernel[1]
+    return _run(True, d3, (d3.stride(0), d3.stride(2), d3.stride(1)), x, geom, ho * wo, n, out)
