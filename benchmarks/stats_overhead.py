@@ -6,6 +6,9 @@ statistics) of:
 - ``plain``: forward + backward;
 - ``ours_norms``: the same inside ``GradientStatistics(inner_products=False).capture()`` plus
   ``result()`` (per-sample norms, ``‖ḡ‖²``, variance, noise scale);
+- ``ours_norms_torch``: ``ours_norms`` with the compiled CPU kernel switched off
+  (``ADAPTIVE_NATIVE=0``: Gram forms and batched matmuls in torch); only where the kernel is
+  built and the device is the CPU;
 - ``ours_norms_unfused``: the same with ``fuse_weight_grads=False`` (autograd computes every
   weight gradient; the sensor only adds its per-sample work);
 - ``ours_all``: the same with inner-product and orthogonality variances;
@@ -57,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from adaptive.stats import GradientStatistics
+from adaptive.stats import GradientStatistics, native
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -132,6 +135,23 @@ def make_case(name: str, batch: int, device: torch.device):
 
 
 # ----------------------------------------------------------------------------- methods
+@contextlib.contextmanager
+def kernel_switch(on: bool):
+    """The compiled kernel on (as installed) or off (``ADAPTIVE_NATIVE=0``) for one step."""
+    if on:
+        yield
+        return
+    before = os.environ.get("ADAPTIVE_NATIVE")
+    os.environ["ADAPTIVE_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["ADAPTIVE_NATIVE"]
+        else:
+            os.environ["ADAPTIVE_NATIVE"] = before
+
+
 def build_methods(factory, loss_fn, x, y, device) -> dict[str, Callable[[], object]]:
     torch.manual_seed(0)
     base = factory().to(device)
@@ -145,17 +165,21 @@ def build_methods(factory, loss_fn, x, y, device) -> dict[str, Callable[[], obje
 
     methods["plain"] = run_plain
 
-    for label, inner, fuse in (
-        ("ours_norms", False, True),
-        ("ours_norms_unfused", False, False),
-        ("ours_all", True, True),
-    ):
+    variants = [
+        ("ours_norms", False, True, True),
+        ("ours_norms_torch", False, True, False),
+        ("ours_norms_unfused", False, False, True),
+        ("ours_all", True, True, True),
+    ]
+    if device.type != "cpu" or not native.available():
+        variants = [v for v in variants if v[0] != "ours_norms_torch"]
+    for label, inner, fuse, kernel in variants:
         model = copy.deepcopy(base)
         stats = GradientStatistics(model, inner_products=inner, fuse_weight_grads=fuse)
 
-        def run_ours(model=model, stats=stats):
+        def run_ours(model=model, stats=stats, kernel=kernel):
             model.zero_grad(set_to_none=True)
-            with stats.capture():
+            with kernel_switch(kernel), stats.capture():
                 loss_fn(model(x), y).backward()
             return stats.result().noise_scale
 
@@ -312,6 +336,7 @@ def run(args: argparse.Namespace) -> dict:
             "warmup": args.warmup,
             "clock": args.clock,
             "keep_freed_memory": bool(getattr(args, "keep_freed_memory", False)),
+            "cpu_kernel": native.available(),
         },
         "models": {},
     }
@@ -371,6 +396,11 @@ def markdown(res: dict) -> str:
             else "glibc defaults (freed memory goes back to the OS)"
         ),
     ]
+    if "cpu_kernel" in res["settings"]:
+        lines.append(
+            "- compiled CPU kernel (`adaptive/stats/_kernels.c`): "
+            + ("built, used by `ours_*` on CPU" if res["settings"]["cpu_kernel"] else "not built")
+        )
     if m.get("note"):
         lines.append(f"- note: {m['note']}")
     for name, r in res["models"].items():

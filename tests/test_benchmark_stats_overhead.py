@@ -43,10 +43,11 @@ def test_methods_agree_on_per_sample_norms():
         torch.testing.assert_close(methods["opacus"](), want, rtol=1e-4, atol=1e-7)
     if "backpack" in methods:
         torch.testing.assert_close(methods["backpack"]() * 36, want, rtol=1e-4, atol=1e-7)
-    noise = methods["ours_norms"]()
     mean = sum(g.mean(0).square().sum() for g in per.values())
     variance = (want.sum() - 6 * mean) / 5
-    torch.testing.assert_close(noise, variance / mean, rtol=1e-4, atol=0)
+    for label in ("ours_norms", "ours_norms_torch", "ours_norms_unfused", "ours_all"):
+        if label in methods:  # ours_norms_torch: only where the compiled kernel is built
+            torch.testing.assert_close(methods[label](), variance / mean, rtol=1e-4, atol=0)
 
 
 def test_one_round_table_has_every_method_and_page_faults():

@@ -1,14 +1,15 @@
 /* Per-sample weight-gradient norms and their batch sum in one pass, never storing the
  * per-sample gradients (CPU).
  *
- * For a Linear layer on sequences, or a convolution read as im2col, sample i's weight gradient
- * is G_i = sum_t d_it x_it^T: d_it the output gradient at position t (O values), x_it the input
- * row (N values: the input features, or the (c, kh, kw) window of a convolution). Autograd's
- * batch weight gradient is sum_i G_i. This kernel computes, per sample, G_i in registers, block
- * by block (8 output rows x 32 input columns), and adds each finished block to the thread's
- * running sum S_k and its square to ||G_i||^2: the per-sample gradients never reach memory, so
- * the pass costs about what the batch weight gradient costs (same multiply-adds), where a
- * batched matmul writes b gradients out and reads them back twice (norm and sum).
+ * For a Linear layer on sequences, or a convolution, sample i's weight gradient is
+ * G_i = sum_t d_it x_it^T: d_it the output gradient at position t (O values), x_it the input
+ * row at t (N values: the input features, or the (c, kh, kw) window of a convolution).
+ * Autograd's batch weight gradient is sum_i G_i. These kernels build each G_i block by block in
+ * registers (a block accumulates over all positions t), add every finished block to the
+ * thread's running sum S_k and its squares to ||G_i||^2. The per-sample gradients never reach
+ * memory, so the pass costs about what the batch weight gradient costs (the same
+ * multiply-adds), where a batched matmul writes b gradients out and reads them back twice
+ * (norm and sum).
  *
  * Threads split the samples; each writes its own S_k (the caller sums them). Built with
  * OpenMP and linked against libgomp by soname, so in a process that loaded torch first it
@@ -61,62 +62,32 @@ static inline void block(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const f
         }
 }
 
-/* geometry of the input, in elements:
- *   linear: {sb, st, sn}: x_i[t, n] = a[i*sb + t*st + n*sn]
- *   conv2d: {sb, sc, sh, sw, wo, kh, kw, stride_h, stride_w, dil_h, dil_w}: with t = (h, w)
- *           and n = (c, u, v), x_i[t, n] = a[i*sb + c*sc + (h*stride_h + u*dil_h)*sh
- *           + (w*stride_w + v*dil_w)*sw] (the input already padded) */
-static void pack(int conv, const float *a, const long *g, const long *off, long i, long t_len,
-                 long n, long np, float *xp) {
-    if (!conv) {
-        const float *ai = a + i * g[0];
-        for (long t = 0; t < t_len; t++) {
-            float *row = xp + t * np;
-            const float *src = ai + t * g[1];
-            if (g[2] == 1)
-                memcpy(row, src, n * sizeof(float));
-            else
-                for (long k = 0; k < n; k++) row[k] = src[k * g[2]];
-            memset(row + n, 0, (np - n) * sizeof(float));
-        }
-        return;
-    }
-    /* conv: off[k] is the offset of column k's input element from the window's corner, the
-     * same for every position t, so each row is one indexed gather */
+/* Sample i's input rows, x_i[t, k] = a[i*sb + t*st + k*sn] for g = {sb, st, sn}, copied to xp
+ * as a (t_len, np) row-major block with zero pad columns. */
+static void pack(const float *a, const long *g, long i, long t_len, long n, long np, float *xp) {
     const float *ai = a + i * g[0];
-    const long sh = g[2], sw = g[3], wo = g[4], str_h = g[7], str_w = g[8];
     for (long t = 0; t < t_len; t++) {
-        const long h = t / wo, w = t % wo;
-        const float *src = ai + h * str_h * sh + w * str_w * sw;
         float *row = xp + t * np;
-        for (long k = 0; k < n; k++) row[k] = src[off[k]];
+        const float *src = ai + t * g[1];
+        if (g[2] == 1)
+            memcpy(row, src, n * sizeof(float));
+        else
+            for (long k = 0; k < n; k++) row[k] = src[k * g[2]];
         memset(row + n, 0, (np - n) * sizeof(float));
     }
 }
 
-/* For i in [0, b): G_i[o, k] = sum_t d[i*d_sb + t*d_st + o*d_so] * x_i[t, k] (x_i from pack);
- * norms[i] = ||G_i||^2; thread k of nt writes sum over its samples of G_i to
- * s[k*o_len*np : (k+1)*o_len*np] as an (o_len, np) row-major block (np = n rounded up to 16;
- * the pad columns are zero). scratch holds nt*t_len*np floats. Returns the threads used (0: out
- * of memory). */
-int adaptive_psg(int conv, const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_t d_so,
-                 const float *a, const long *geom, long b, long t_len, long o_len, long n,
-                 float *s, int nt, float *norms, float *scratch) {
+/* Linear layers. For i in [0, b): G_i[o, k] = sum_t d[i*d_sb + t*d_st + o*d_so] x_i[t, k] with
+ * x_i from pack (geom = {sb, st, sn}); norms[i] = ||G_i||^2; thread k of nt writes the sum of
+ * its G_i to s + k*o_len*np as an (o_len, np) row-major block (np = n rounded up to 16; the pad
+ * columns are zero). scratch holds nt*t_len*np floats. Returns the threads used. */
+int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_t d_so,
+                        const float *a, const long *geom, long b, long t_len, long o_len, long n,
+                        float *s, int nt, float *norms, float *scratch) {
     const long np = (n + 15) / 16 * 16;
     if (nt > b) nt = (int)b;
     if (nt < 1) nt = 1;
     int used = nt;
-    long *off = NULL;
-    if (conv) {
-        const long kh = geom[5], kw = geom[6], ch = n / (kh * kw);
-        off = malloc(n * sizeof(long));
-        if (off == NULL) return 0;
-        long k = 0;
-        for (long c = 0; c < ch; c++)
-            for (long u = 0; u < kh; u++)
-                for (long v = 0; v < kw; v++)
-                    off[k++] = c * geom[1] + u * geom[9] * geom[2] + v * geom[10] * geom[3];
-    }
 #pragma omp parallel num_threads(nt)
     {
         const int k = omp_get_thread_num(), m = omp_get_num_threads();
@@ -126,7 +97,7 @@ int adaptive_psg(int conv, const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdi
         float *xp = scratch + (ptrdiff_t)k * t_len * np;
         float *sk = s + (ptrdiff_t)k * o_len * np;
         for (long i = i0; i < i1; i++) {
-            pack(conv, a, geom, off, i, t_len, n, np, xp);
+            pack(a, geom, i, t_len, n, np, xp);
             const float *di = d + i * d_sb;
             v16 nacc = {0};
             for (long o0 = 0; o0 < o_len; o0 += ROWS) {
@@ -139,6 +110,102 @@ int adaptive_psg(int conv, const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdi
                     block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows, 1,
                           sk + o0 * np + c0, np, &nacc, i == i0);
             }
+            float total = 0.f;
+            for (int q = 0; q < 16; q++) total += nacc[q];
+            norms[i] = total;
+        }
+    }
+    return used;
+}
+
+/* Convolutions, without an im2col copy. Vectors run along the output channels o, and every
+ * input element x_i[t, n] (n = (c, u, v)) is broadcast from the input itself: a sample's input
+ * is small enough to stay in cache, so only the output gradient is repacked, to dt (t, o) with
+ * o contiguous (T·O values per sample against the T·C·kh·kw of an im2col copy). A block holds
+ * OV vectors of 16 channels by NR columns n in registers over all positions t. */
+#define CONV_BLOCK(NAME, OV, NR)                                                                 \
+    static void NAME(const float *dt, long opad, long ho, long wo, const float *ai, long step_h, \
+                     long step_w, const long *off, int nr, float *s, v16 *nacc, int first) {     \
+        v16 acc[OV][NR];                                                                         \
+        memset(acc, 0, sizeof(acc));                                                             \
+        long o[NR];                                                                              \
+        for (int j = 0; j < NR; j++) o[j] = off[j < nr ? j : nr - 1];                            \
+        const float *drow = dt;                                                                  \
+        for (long h = 0; h < ho; h++) {                                                          \
+            const float *bh = ai + h * step_h;                                                   \
+            for (long w = 0; w < wo; w++, drow += opad) {                                        \
+                const float *bt = bh + w * step_w;                                               \
+                v16 dv[OV];                                                                      \
+                for (int v = 0; v < OV; v++) dv[v] = LD(drow + 16 * v);                          \
+                for (int j = 0; j < NR; j++) {                                                   \
+                    const float xs = bt[o[j]];                                                   \
+                    for (int v = 0; v < OV; v++) acc[v][j] += dv[v] * xs;                        \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int j = 0; j < nr; j++)                                                             \
+            for (int v = 0; v < OV; v++) {                                                       \
+                float *sp = s + j * opad + 16 * v;                                               \
+                *(v16u *)sp = first ? acc[v][j] : LD(sp) + acc[v][j];                            \
+                *nacc += acc[v][j] * acc[v][j];                                                  \
+            }                                                                                    \
+    }
+CONV_BLOCK(conv_block_2x8, 2, 8)
+CONV_BLOCK(conv_block_1x16, 1, 16)
+
+/* For i in [0, b): G_i[o, n] = sum_t d[i*d_sb + o*d_so + t*d_st] x_i[t, n], with t = (h, w),
+ * n = (c, u, v) and x_i[t, n] = a[i*sb + c*sc + (h*stride_h + u*dil_h)*sh
+ * + (w*stride_w + v*dil_w)*sw] from the padded input a, for geom = {sb, sc, sh, sw, wo, kh, kw,
+ * stride_h, stride_w, dil_h, dil_w, ho}; norms[i] = ||G_i||^2; thread k
+ * writes the sum of its G_i transposed, as an (npad, opad) row-major block at s + k*npad*opad
+ * (npad = n rounded up to 16, opad = o_len rounded up to 16; only [:n, :o_len] is meaningful).
+ * scratch holds nt*t_len*opad floats. Returns the threads used (0: out of memory). */
+int adaptive_psg_conv(const float *d, ptrdiff_t d_sb, ptrdiff_t d_so, ptrdiff_t d_st,
+                      const float *a, const long *geom, long b, long o_len, long n, float *s,
+                      int nt, float *norms, float *scratch) {
+    const long wo = geom[4], kh = geom[5], kw = geom[6];
+    const long t_len = geom[11] * wo, ho = geom[11];
+    const long opad = (o_len + 15) / 16 * 16, npad = (n + 15) / 16 * 16;
+    const long step_h = geom[7] * geom[2], step_w = geom[8] * geom[3];
+    if (nt > b) nt = (int)b;
+    if (nt < 1) nt = 1;
+    long *off = malloc(npad * sizeof(long));
+    if (off == NULL) return 0;
+    {
+        const long ch = n / (kh * kw);
+        long k = 0;
+        for (long c = 0; c < ch; c++)
+            for (long u = 0; u < kh; u++)
+                for (long v = 0; v < kw; v++)
+                    off[k++] = c * geom[1] + u * geom[9] * geom[2] + v * geom[10] * geom[3];
+    }
+    int used = nt;
+#pragma omp parallel num_threads(nt)
+    {
+        const int k = omp_get_thread_num(), m = omp_get_num_threads();
+#pragma omp single
+        used = m;
+        const long i0 = b * k / m, i1 = b * (k + 1) / m;
+        float *dt = scratch + (ptrdiff_t)k * t_len * opad;
+        float *sk = s + (ptrdiff_t)k * npad * opad;
+        memset(dt, 0, t_len * opad * sizeof(float)); /* pad channels stay zero */
+        for (long i = i0; i < i1; i++) {
+            const float *di = d + i * d_sb;
+            for (long o = 0; o < o_len; o++)
+                for (long t = 0; t < t_len; t++) dt[t * opad + o] = di[o * d_so + t * d_st];
+            const float *ai = a + i * geom[0];
+            v16 nacc = {0};
+            long o0 = 0;
+            for (; o0 + 32 <= opad; o0 += 32)
+                for (long n0 = 0; n0 < n; n0 += 8)
+                    conv_block_2x8(dt + o0, opad, ho, wo, ai, step_h, step_w, off + n0,
+                                   n - n0 < 8 ? (int)(n - n0) : 8, sk + n0 * opad + o0, &nacc,
+                                   i == i0);
+            if (o0 < opad)
+                for (long n0 = 0; n0 < n; n0 += 16)
+                    conv_block_1x16(dt + o0, opad, ho, wo, ai, step_h, step_w, off + n0,
+                                    n - n0 < 16 ? (int)(n - n0) : 16, sk + n0 * opad + o0, &nacc,
+                                    i == i0);
             float total = 0.f;
             for (int q = 0; q < 16; q++) total += nacc[q];
             norms[i] = total;

@@ -26,6 +26,7 @@ __all__ = ["available", "conv2d_sums_and_norms", "linear_sums_and_norms"]
 
 _P = ctypes.c_void_p
 _L = ctypes.c_long
+_I = ctypes.c_int
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -43,10 +44,25 @@ def _load() -> ctypes.CDLL | None:
         path = here / f"_kernels{suffix}"
         if path.exists():
             lib = ctypes.CDLL(str(path))
-            fn = lib.adaptive_psg
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_int, _P, _L, _L, _L, _P, _P, _L, _L, _L, _L, _P, ctypes.c_int]
-            fn.argtypes += [_P, _P]
+            lib.adaptive_psg_linear.restype = ctypes.c_int
+            lib.adaptive_psg_linear.argtypes = [
+                _P,
+                _L,
+                _L,
+                _L,
+                _P,
+                _P,
+                _L,
+                _L,
+                _L,
+                _L,
+                _P,
+                _I,
+                _P,
+                _P,
+            ]
+            lib.adaptive_psg_conv.restype = ctypes.c_int
+            lib.adaptive_psg_conv.argtypes = [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _I, _P, _P]
             _lib = lib
             break
     return _lib
@@ -60,31 +76,35 @@ def available() -> bool:
 Workspace = Callable[..., Tensor]
 
 
-def _run(
-    conv: bool,
-    d: Tensor,
-    d_strides: tuple[int, int, int],
-    a: Tensor,
-    geom: list[int],
-    t_len: int,
-    n: int,
-    out: Workspace,
-) -> tuple[Tensor, Tensor]:
+def _threads(b: int) -> int:
+    return max(1, min(torch.get_num_threads(), b))
+
+
+def _longs(values: list[int]) -> ctypes.Array:
+    return (ctypes.c_long * len(values))(*values)
+
+
+def linear_sums_and_norms(a: Tensor, d: Tensor, out: Workspace) -> tuple[Tensor, Tensor]:
+    """``(Σ_i G_i, ‖G_i‖²)`` for a Linear layer: ``a`` (b, ..., N) input, ``d`` (b, ..., O) output
+    gradient, float32 on CPU; shapes ``(O, N)`` and ``(b,)``."""
     lib = _load()
     assert lib is not None
-    b, o = d.shape[0], d.shape[1] if conv else d.shape[-1]
+    b, n, o = a.shape[0], a.shape[-1], d.shape[-1]
+    x = a.reshape(b, -1, n)
+    dd = d.reshape(b, -1, o)
+    t_len = x.shape[1]
     padded = -(-n // 16) * 16
-    threads = max(1, min(torch.get_num_threads(), b))
+    threads = _threads(b)
     s = out((threads, o, padded), slot=0)
     scratch = out((threads, t_len, padded), slot=1)
     norms = torch.empty(b, dtype=torch.float32)
-    g = (ctypes.c_long * len(geom))(*geom)
-    used = lib.adaptive_psg(
-        int(conv),
-        d.data_ptr(),
-        *d_strides,
-        a.data_ptr(),
-        g,
+    used = lib.adaptive_psg_linear(
+        dd.data_ptr(),
+        dd.stride(0),
+        dd.stride(1),
+        dd.stride(2),
+        x.data_ptr(),
+        _longs([x.stride(0), x.stride(1), x.stride(2)]),
         b,
         t_len,
         o,
@@ -94,29 +114,8 @@ def _run(
         norms.data_ptr(),
         scratch.data_ptr(),
     )
-    if used == 0:
-        raise MemoryError("adaptive_psg: no memory for the convolution's column offsets")
     # a new tensor (the workspace is reused by the next layer): autograd keeps it as the gradient
     return s[:used].sum(0)[:, :n], norms
-
-
-def linear_sums_and_norms(a: Tensor, d: Tensor, out: Workspace) -> tuple[Tensor, Tensor]:
-    """``(Σ_i G_i, ‖G_i‖²)`` for a Linear layer: ``a`` (b, ..., N) input, ``d`` (b, ..., O) output
-    gradient, float32 on CPU; shapes ``(O, N)`` and ``(b,)``."""
-    b, n = a.shape[0], a.shape[-1]
-    x = a.reshape(b, -1, n)
-    dd = d.reshape(b, -1, d.shape[-1])
-    t_len = x.shape[1]
-    return _run(
-        False,
-        dd,
-        (dd.stride(0), dd.stride(1), dd.stride(2)),
-        x,
-        [x.stride(0), x.stride(1), x.stride(2)],
-        t_len,
-        n,
-        out,
-    )
 
 
 def conv2d_sums_and_norms(
@@ -130,21 +129,33 @@ def conv2d_sums_and_norms(
     """``(Σ_i G_i, ‖G_i‖²)`` for a convolution with ``groups == 1``: ``x`` the padded input
     (b, C, H, W), ``d`` the output gradient (b, O, Ho, Wo), float32 on CPU; the sum has shape
     ``(O, C·kh·kw)`` in the weight's ``(c, kh, kw)`` order."""
+    lib = _load()
+    assert lib is not None
     b, c = x.shape[:2]
     o, ho, wo = d.shape[1:]
     d3 = d.reshape(b, o, ho * wo)
-    geom = [
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        wo,
-        kernel[0],
-        kernel[1],
-        stride[0],
-        stride[1],
-        dilation[0],
-        dilation[1],
-    ]
     n = c * kernel[0] * kernel[1]
-    return _run(True, d3, (d3.stride(0), d3.stride(2), d3.stride(1)), x, geom, ho * wo, n, out)
+    geom = [*x.stride(), wo, *kernel, *stride, *dilation, ho]
+    padded_o, padded_n = -(-o // 16) * 16, -(-n // 16) * 16
+    threads = _threads(b)
+    s = out((threads, padded_n, padded_o), slot=0)
+    scratch = out((threads, ho * wo, padded_o), slot=1)
+    norms = torch.empty(b, dtype=torch.float32)
+    used = lib.adaptive_psg_conv(
+        d3.data_ptr(),
+        d3.stride(0),
+        d3.stride(1),
+        d3.stride(2),
+        x.data_ptr(),
+        _longs(geom),
+        b,
+        o,
+        n,
+        s.data_ptr(),
+        threads,
+        norms.data_ptr(),
+        scratch.data_ptr(),
+    )
+    if used == 0:
+        raise MemoryError("adaptive_psg_conv: out of memory for the column offsets")
+    return s[:used].sum(0)[:n, :o].t(), norms
