@@ -117,6 +117,7 @@ class _MicroBatch:
         self.seen: set[str] = set()
         self.toggled: dict[str, list[tuple[str, nn.Parameter]]] = {}
         self.pending: dict[str, list[Any]] = {}  # module name -> [a, δ, params left]
+        self.params_hooked: set[str] = set()  # layers that may fuse but did not
 
 
 @dataclass
@@ -125,6 +126,10 @@ class _Site:
     module: nn.Module
     rule: LayerRule | None
     params: dict[str, tuple[str, nn.Parameter]]  # local name -> (full name, param)
+
+    @property
+    def float64(self) -> bool:
+        return any(p.dtype == torch.float64 for _, p in self.params.values())
 
     @property
     def may_fuse(self) -> bool:
@@ -417,8 +422,16 @@ class GradientStatistics:
                 self.model.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
             )
         for site in self._sites:
+            # a layer that may fuse gets its parameter hooks from its pre-forward hook, and only
+            # if it does not fuse: a fused layer's gradients come from the sensor itself
+            lazy = (
+                self._mode == "per_sample"
+                and self.fuse_weight_grads
+                and not self._sharded
+                and site.may_fuse
+            )
             if self._mode == "per_sample":
-                if self.fuse_weight_grads and not self._sharded and site.may_fuse:
+                if lazy:
                     self._handles.append(
                         site.module.register_forward_pre_hook(partial(self._on_pre_forward, site))
                     )
@@ -430,10 +443,8 @@ class GradientStatistics:
                     site.module.register_forward_pre_hook(partial(self._hook_unsharded, site))
                 )
                 continue
-            for local, (full, p) in site.params.items():
-                self._handles.append(
-                    p.register_hook(partial(self._on_param_grad, site, local, full))
-                )
+            if not lazy:
+                self._hook_params(site)
 
     def detach(self) -> None:
         """Stop capturing; the micro-batch counts if a backward pass reached the hooks."""
@@ -528,13 +539,24 @@ class GradientStatistics:
         output.register_hook(partial(self._on_output_grad, site, a))
         return None
 
+    def _hook_params(self, site: _Site) -> None:
+        for local, (full, p) in site.params.items():
+            self._handles.append(p.register_hook(partial(self._on_param_grad, site, local, full)))
+
     def _on_pre_forward(self, site: _Site, module: nn.Module, args: tuple) -> None:
         mb = self._current
         if mb is None or not torch.is_grad_enabled() or site.name in mb.seen:
             return
-        if not args or not isinstance(args[0], Tensor) or site.rule is None:
-            return
-        if not site.rule.fusable(module, args[0]):
+        if (
+            not args
+            or not isinstance(args[0], Tensor)
+            or site.rule is None
+            or site.float64  # the sensor works in float32: leave double gradients to autograd
+            or not site.rule.fusable(module, args[0])
+        ):
+            if site.name not in mb.params_hooked:  # autograd computes these gradients
+                mb.params_hooked.add(site.name)
+                self._hook_params(site)
             return
         toggled = [(local, p) for local, (_, p) in site.params.items() if p.requires_grad]
         for _, p in toggled:
@@ -579,6 +601,8 @@ class GradientStatistics:
                 sums, sq_norms = fast
                 if mb is not None:
                     mb.sq = _add(mb.sq, sq_norms)
+                    for k in locals_:
+                        self._add_grad(mb, site.params[k][0], sums[k])
                     if self.inner_products:
                         with _float32(d.device.type):
                             mb.inner = _add(mb.inner, rule.dot(site.module, a, d, sums))
@@ -631,6 +655,8 @@ class GradientStatistics:
                         self._coord[full] = c if prev is None else prev + c
             if mb is not None:
                 mb.sq = _add(mb.sq, torch.cat(sq) if len(sq) > 1 else sq[0])
+                for k in locals_:
+                    self._add_grad(mb, site.params[k][0], sums[k])
                 if dots:
                     mb.target_dots = _add(
                         mb.target_dots, torch.cat(dots) if len(dots) > 1 else dots[0]
@@ -684,12 +710,7 @@ class GradientStatistics:
         g = grad.detach()
         with _float32(g.device.type):
             g32 = g.float()
-            w = self._scale_factor()
-            contrib = g32 * w if mb.inv_scale is None else g32 * (mb.inv_scale * w)
-            prev = self._grad_sums.get(full)
-            self._grad_sums[full] = contrib if prev is None else prev + contrib
-            if self._mode == "groups" or self.inner_products:
-                mb.sum_sq = _add(mb.sum_sq, g32.square().sum())
+            self._add_grad(mb, full, g32)
             pend = mb.pending.get(site.name)
             if pend is not None:
                 a, d, left = pend
@@ -699,6 +720,15 @@ class GradientStatistics:
                     del mb.pending[site.name]
                 else:
                     pend[2] = left - 1
+
+    def _add_grad(self, mb: _MicroBatch, full: str, g32: Tensor) -> None:
+        """Add one parameter's raw micro-batch gradient (float32) to the accumulators."""
+        w = self._scale_factor()
+        contrib = g32 * w if mb.inv_scale is None else g32 * (mb.inv_scale * w)
+        prev = self._grad_sums.get(full)
+        self._grad_sums[full] = contrib if prev is None else prev + contrib
+        if self._mode == "groups" or self.inner_products:
+            mb.sum_sq = _add(mb.sum_sq, g32.square().sum())
 
     # ------------------------------------------------------------------ result
     def result(self, *, loss_divisor: float | None = None) -> StatisticsResult:

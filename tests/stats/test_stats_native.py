@@ -235,3 +235,22 @@ def test_bf16_autocast_through_the_kernel(models):
     ref_loss.backward()
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert_rel(p.grad, q.grad.double(), rtol=5e-2)
+
+
+def test_float64_layers_keep_autograd_gradients(models):
+    """The sensor works in float32: a double model's layers do not fuse, so .grad stays
+    autograd's double gradient, bit for bit."""
+    make_model, data_for = models
+    model, loss_fn = make_model("block")
+    model = model.double()
+    reference = copy.deepcopy(model)
+    x, y = data_for("block", 4, seed=8)
+    stats = GradientStatistics(model, inner_products=False)
+    with stats.capture():
+        loss_fn(model(x), y).backward()
+    s = stats.result()
+    loss_fn(reference(x), y).backward()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.grad.dtype == torch.float64 and torch.equal(p.grad, q.grad)
+    ref = reference_statistics(per_sample_gradients(reference, loss_fn, x, y))
+    assert_rel(s.per_sample_sq_norms, ref["per_sample_sq_norms"], rtol=1e-4)
