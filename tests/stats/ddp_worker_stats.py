@@ -37,8 +37,25 @@ def main() -> None:
         with ctx, stats.capture(group_ids=gids[sl]):
             (loss_fn(ddp(x[sl]), y[sl]) / 2).backward()
     s = stats.result()
+    # again with the norm statistics alone: the fused layers go through the compiled CPU
+    # kernel where it is built (per-coordinate sums above keep them on the torch code)
+    model2, _ = mod.make_model("block")
+    ddp2 = DistributedDataParallel(model2)
+    stats2 = GradientStatistics(ddp2, inner_products=False)
+    for k in range(2):
+        sl = slice(lo + 3 * k, lo + 3 * k + 3)
+        ctx = ddp2.no_sync() if k == 0 else torch.enable_grad()
+        with ctx, stats2.capture():
+            (loss_fn(ddp2(x[sl]), y[sl]) / 2).backward()
+    s2 = stats2.result()
+    norms_only = {
+        n: getattr(s2, n)
+        for n in ("per_sample_sq_norms", "sum_sq_norms", "grad_sq_norm", "variance", "noise_scale")
+    }
+    norms_only["grads"] = {n: p.grad for n, p in model2.named_parameters()}
     torch.save(
         {
+            "norms_only": norms_only,
             "batch_size": s.batch_size,
             "world_size": s.world_size,
             "per_sample_sq_norms": s.per_sample_sq_norms,
