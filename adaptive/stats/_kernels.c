@@ -153,6 +153,59 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
 CONV_BLOCK(conv_block_2x8, 2, 8)
 CONV_BLOCK(conv_block_1x16, 1, 16)
 
+typedef int v16i __attribute__((vector_size(64)));
+
+/* v[r][c] <- v[c][r]: four rounds of two-vector shuffles, round s pairing rows r and r + s */
+static inline void transpose16(v16 v[16]) {
+    static const v16i lo[4] = {
+        {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+        {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+        {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+        {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+    static const v16i hi[4] = {
+        {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+        {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+        {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+        {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) {
+        const int step = 8 >> k;
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; r++) {
+            if (r & step) continue;
+            const v16 a = v[r], b = v[r + step];
+            v[r] = __builtin_shuffle(a, b, lo[k]);
+            v[r + step] = __builtin_shuffle(a, b, hi[k]);
+        }
+    }
+}
+
+/* dt[t*opad + o] = d[o*d_so + t*d_st]: one sample's output gradient with the channels
+ * contiguous. Positions contiguous (d_st == 1): 16×16 tiles transposed in registers; otherwise
+ * 16 channels at a time with the positions inner, so 16 read streams and one written cache
+ * line per position stay in L1 (a channel-outer loop thrashes it). */
+static void repack_channels_last(const float *d, ptrdiff_t d_so, ptrdiff_t d_st, long o_len,
+                                 long t_len, float *dt, long opad) {
+    for (long o0 = 0; o0 < o_len; o0 += 16) {
+        const long oe = o_len - o0 < 16 ? o_len - o0 : 16;
+        long t0 = 0;
+        if (d_st == 1 && oe == 16)
+            for (; t0 + 16 <= t_len; t0 += 16) {
+                v16 v[16];
+#pragma GCC unroll 16
+                for (int o = 0; o < 16; o++) v[o] = LD(d + (o0 + o) * d_so + t0);
+                transpose16(v);
+#pragma GCC unroll 16
+                for (int t = 0; t < 16; t++) *(v16u *)(dt + (t0 + t) * opad + o0) = v[t];
+            }
+        for (long t = t0; t < t_len; t++) {
+            float *row = dt + t * opad + o0;
+            const float *src = d + o0 * d_so + t * d_st;
+            for (long o = 0; o < oe; o++) row[o] = src[o * d_so];
+        }
+    }
+}
+
 /* For i in [0, b): G_i[o, n] = sum_t d[i*d_sb + o*d_so + t*d_st] x_i[t, n], with t = (h, w),
  * n = (c, u, v) and x_i[t, n] = a[i*sb + c*sc + (h*stride_h + u*dil_h)*sh
  * + (w*stride_w + v*dil_w)*sw] from the padded input a, for geom = {sb, sc, sh, sw, wo, kh, kw,
@@ -191,8 +244,7 @@ int adaptive_psg_conv(const float *d, ptrdiff_t d_sb, ptrdiff_t d_so, ptrdiff_t 
         memset(dt, 0, t_len * opad * sizeof(float)); /* pad channels stay zero */
         for (long i = i0; i < i1; i++) {
             const float *di = d + i * d_sb;
-            for (long o = 0; o < o_len; o++)
-                for (long t = 0; t < t_len; t++) dt[t * opad + o] = di[o * d_so + t * d_st];
+            repack_channels_last(di, d_so, d_st, o_len, t_len, dt, opad);
             const float *ai = a + i * geom[0];
             v16 nacc = {0};
             long o0 = 0;
