@@ -3,7 +3,10 @@
 :class:`GradientStatistics` hooks a model for one (or several accumulated) forward/backward passes
 and returns a :class:`StatisticsResult` of float32 device tensors: per-sample squared gradient
 norms, ``‖ḡ‖²``, the summed variance, the simple noise scale, inner-product and orthogonality
-variances, and on request per-coordinate second moments and per-group sums.
+variances, and on request per-coordinate second moments and per-group sums. On CPU, Linear
+layers on sequences and convolutions go through a compiled kernel (:mod:`adaptive.stats.native`)
+that yields their norms and batch gradient in one pass, at about the cost of autograd's own
+weight gradient.
 """
 
 from adaptive.stats.fallback import TwoBatchNoiseScale, group_variance, two_batch_estimates

@@ -27,10 +27,11 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
 
 /* One block of G_i: rows o0..o0+rows-1 (rows <= ROWS) of d, columns n0..n0+16*nv-1 (nv in
  * {1, 2}) of the packed input xp (row stride np). Adds the block to S (or stores it, for the
- * thread's first sample) and its squares to *nacc. */
+ * thread's first sample), its squares to *nacc and, where q is given, its elementwise squares
+ * to Q (same layout as S). */
 static inline void block(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp,
-                         ptrdiff_t np, long t_len, int rows, int nv, float *s, ptrdiff_t s_so,
-                         v16 *nacc, int first) {
+                         ptrdiff_t np, long t_len, int rows, int nv, float *s, float *q,
+                         ptrdiff_t s_so, v16 *nacc, int first) {
     v16 a[ROWS][2];
     memset(a, 0, sizeof(a));
     if (rows == ROWS && nv == 2) {
@@ -57,8 +58,13 @@ static inline void block(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const f
     for (int r = 0; r < rows; r++)
         for (int v = 0; v < nv; v++) {
             float *sp = s + r * s_so + 16 * v;
+            const v16 sq = a[r][v] * a[r][v];
             *(v16u *)sp = first ? a[r][v] : LD(sp) + a[r][v];
-            *nacc += a[r][v] * a[r][v];
+            *nacc += sq;
+            if (q) {
+                float *qp = q + r * s_so + 16 * v;
+                *(v16u *)qp = first ? sq : LD(qp) + sq;
+            }
         }
 }
 
@@ -80,10 +86,11 @@ static void pack(const float *a, const long *g, long i, long t_len, long n, long
 /* Linear layers. For i in [0, b): G_i[o, k] = sum_t d[i*d_sb + t*d_st + o*d_so] x_i[t, k] with
  * x_i from pack (geom = {sb, st, sn}); norms[i] = ||G_i||^2; thread k of nt writes the sum of
  * its G_i to s + k*o_len*np as an (o_len, np) row-major block (np = n rounded up to 16; the pad
- * columns are zero). scratch holds nt*t_len*np floats. Returns the threads used. */
+ * columns are zero); where q is not NULL, the sum of their elementwise squares likewise at
+ * q + k*o_len*np. scratch holds nt*t_len*np floats. Returns the threads used. */
 int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_t d_so,
                         const float *a, const long *geom, long b, long t_len, long o_len, long n,
-                        float *s, int nt, float *norms, float *scratch) {
+                        float *s, float *q, int nt, float *norms, float *scratch) {
     const long np = (n + 15) / 16 * 16;
     if (nt > b) nt = (int)b;
     if (nt < 1) nt = 1;
@@ -96,6 +103,7 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
         const long i0 = b * k / m, i1 = b * (k + 1) / m;
         float *xp = scratch + (ptrdiff_t)k * t_len * np;
         float *sk = s + (ptrdiff_t)k * o_len * np;
+        float *qk = q ? q + (ptrdiff_t)k * o_len * np : NULL;
         for (long i = i0; i < i1; i++) {
             pack(a, geom, i, t_len, n, np, xp);
             const float *di = d + i * d_sb;
@@ -105,10 +113,12 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
                 long c0 = 0;
                 for (; c0 + 32 <= np; c0 += 32)
                     block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows, 2,
-                          sk + o0 * np + c0, np, &nacc, i == i0);
+                          sk + o0 * np + c0, qk ? qk + o0 * np + c0 : NULL, np, &nacc,
+                          i == i0);
                 if (c0 < np)
                     block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows, 1,
-                          sk + o0 * np + c0, np, &nacc, i == i0);
+                          sk + o0 * np + c0, qk ? qk + o0 * np + c0 : NULL, np, &nacc,
+                          i == i0);
             }
             float total = 0.f;
             for (int q = 0; q < 16; q++) total += nacc[q];
@@ -125,7 +135,8 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
  * OV vectors of 16 channels by NR columns n in registers over all positions t. */
 #define CONV_BLOCK(NAME, OV, NR)                                                                 \
     static void NAME(const float *dt, long opad, long ho, long wo, const float *ai, long step_h, \
-                     long step_w, const long *off, int nr, float *s, v16 *nacc, int first) {     \
+                     long step_w, const long *off, int nr, float *s, float *q, v16 *nacc,     \
+                     int first) {                                                                \
         v16 acc[OV][NR];                                                                         \
         memset(acc, 0, sizeof(acc));                                                             \
         long o[NR];                                                                              \
@@ -146,8 +157,13 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
         for (int j = 0; j < nr; j++)                                                             \
             for (int v = 0; v < OV; v++) {                                                       \
                 float *sp = s + j * opad + 16 * v;                                               \
+                const v16 sq = acc[v][j] * acc[v][j];                                            \
                 *(v16u *)sp = first ? acc[v][j] : LD(sp) + acc[v][j];                            \
-                *nacc += acc[v][j] * acc[v][j];                                                  \
+                *nacc += sq;                                                                     \
+                if (q) {                                                                         \
+                    float *qp = q + j * opad + 16 * v;                                           \
+                    *(v16u *)qp = first ? sq : LD(qp) + sq;                                      \
+                }                                                                                \
             }                                                                                    \
     }
 CONV_BLOCK(conv_block_2x8, 2, 8)
@@ -211,11 +227,12 @@ static void repack_channels_last(const float *d, ptrdiff_t d_so, ptrdiff_t d_st,
  * + (w*stride_w + v*dil_w)*sw] from the padded input a, for geom = {sb, sc, sh, sw, wo, kh, kw,
  * stride_h, stride_w, dil_h, dil_w, ho}; norms[i] = ||G_i||^2; thread k
  * writes the sum of its G_i transposed, as an (npad, opad) row-major block at s + k*npad*opad
- * (npad = n rounded up to 16, opad = o_len rounded up to 16; only [:n, :o_len] is meaningful).
+ * (npad = n rounded up to 16, opad = o_len rounded up to 16; only [:n, :o_len] is meaningful);
+ * where q is not NULL, the sum of their elementwise squares likewise at q + k*npad*opad.
  * scratch holds nt*t_len*opad floats. Returns the threads used (0: out of memory). */
 int adaptive_psg_conv(const float *d, ptrdiff_t d_sb, ptrdiff_t d_so, ptrdiff_t d_st,
                       const float *a, const long *geom, long b, long o_len, long n, float *s,
-                      int nt, float *norms, float *scratch) {
+                      float *q, int nt, float *norms, float *scratch) {
     const long wo = geom[4], kh = geom[5], kw = geom[6];
     const long t_len = geom[11] * wo, ho = geom[11];
     const long opad = (o_len + 15) / 16 * 16, npad = (n + 15) / 16 * 16;
@@ -241,6 +258,7 @@ int adaptive_psg_conv(const float *d, ptrdiff_t d_sb, ptrdiff_t d_so, ptrdiff_t 
         const long i0 = b * k / m, i1 = b * (k + 1) / m;
         float *dt = scratch + (ptrdiff_t)k * t_len * opad;
         float *sk = s + (ptrdiff_t)k * npad * opad;
+        float *qk = q ? q + (ptrdiff_t)k * npad * opad : NULL;
         memset(dt, 0, t_len * opad * sizeof(float)); /* pad channels stay zero */
         for (long i = i0; i < i1; i++) {
             const float *di = d + i * d_sb;
@@ -251,13 +269,13 @@ int adaptive_psg_conv(const float *d, ptrdiff_t d_sb, ptrdiff_t d_so, ptrdiff_t 
             for (; o0 + 32 <= opad; o0 += 32)
                 for (long n0 = 0; n0 < n; n0 += 8)
                     conv_block_2x8(dt + o0, opad, ho, wo, ai, step_h, step_w, off + n0,
-                                   n - n0 < 8 ? (int)(n - n0) : 8, sk + n0 * opad + o0, &nacc,
-                                   i == i0);
+                                   n - n0 < 8 ? (int)(n - n0) : 8, sk + n0 * opad + o0,
+                                   qk ? qk + n0 * opad + o0 : NULL, &nacc, i == i0);
             if (o0 < opad)
                 for (long n0 = 0; n0 < n; n0 += 16)
                     conv_block_1x16(dt + o0, opad, ho, wo, ai, step_h, step_w, off + n0,
-                                    n - n0 < 16 ? (int)(n - n0) : 16, sk + n0 * opad + o0, &nacc,
-                                    i == i0);
+                                    n - n0 < 16 ? (int)(n - n0) : 16, sk + n0 * opad + o0,
+                                    qk ? qk + n0 * opad + o0 : NULL, &nacc, i == i0);
             float total = 0.f;
             for (int q = 0; q < 16; q++) total += nacc[q];
             norms[i] = total;

@@ -108,6 +108,21 @@ def materialising_pays(t: int, n_in: int, n_out: int) -> bool:
     return t > 1 and t * t * (n_in + n_out) >= n_in * n_out * (8 + t)
 
 
+def _with_bias(
+    module: nn.Module, s: Tensor, sq: Tensor, q: Tensor | None, bias: Tensor | None
+) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor] | None]:
+    """The kernel's weight sums, shaped like the weight, with the per-sample bias gradients
+    ``bias`` (b, O) folded in."""
+    sums = {"weight": s.reshape(module.weight.shape)}
+    coords = None if q is None else {"weight": q.reshape(module.weight.shape)}
+    if bias is not None:
+        sums["bias"] = bias.sum(0)
+        sq = sq + bias.square().sum(1)
+        if coords is not None:
+            coords["bias"] = bias.square().sum(0)
+    return sums, sq, coords
+
+
 def _native_applies(a: Tensor) -> bool:
     """Whether the compiled kernel takes this call: a CPU tensor, and the kernel installed."""
     return a.device.type == "cpu" and native.available()
@@ -203,10 +218,17 @@ class LayerRule:
         return False
 
     def native_sums(
-        self, module: nn.Module, a: Tensor, d: Tensor, names: frozenset[str], out: Workspace
-    ) -> tuple[dict[str, Tensor], Tensor] | None:
-        """``(Σ_i g_i per parameter, Σ_p ‖g_i‖²)`` from the compiled kernel, without per-sample
-        gradients in memory; None where it does not apply (the caller then uses
+        self,
+        module: nn.Module,
+        a: Tensor,
+        d: Tensor,
+        names: frozenset[str],
+        out: Workspace,
+        coordinates: bool = False,
+    ) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor] | None] | None:
+        """``(Σ_i g_i per parameter, Σ_p ‖g_i‖², Σ_i g_i² per parameter or None)`` from the
+        compiled kernel, without per-sample gradients in memory (the squares only with
+        ``coordinates``); None where it does not apply (the caller then uses
         ``per_sample_params``)."""
         return None
 
@@ -287,18 +309,14 @@ class LinearRule(_GroupedMatmulRule):
             return True
         return materialising_pays(t, n_in, n_out)
 
-    def native_sums(self, module, a, d, names, out):
+    def native_sums(self, module, a, d, names, out, coordinates=False):
         if "weight" not in names or a.dim() < 3 or not _native_applies(a):
             return None
         b = d.shape[0]
         dd = d.float()
-        s, sq = native.linear_sums_and_norms(a.float(), dd, out)
-        sums = {"weight": s.reshape(module.weight.shape)}
-        if "bias" in names:
-            per = dd.reshape(b, -1, dd.shape[-1]).sum(1)
-            sums["bias"] = per.sum(0)
-            sq = sq + per.square().sum(1)
-        return sums, sq
+        s, sq, q = native.linear_sums_and_norms(a.float(), dd, out, coordinates)
+        per = dd.reshape(b, -1, dd.shape[-1]).sum(1) if "bias" in names else None
+        return _with_bias(module, s, sq, q, per)
 
     def per_sample_params(self, module, a, d, names, out=None):
         b = d.shape[0]
@@ -378,17 +396,13 @@ class ConvRule(_GroupedMatmulRule):
         n_out = module.out_channels // module.groups
         return materialising_pays(positions, n_in, n_out)
 
-    def native_sums(self, module, a, d, names, out):
+    def native_sums(self, module, a, d, names, out, coordinates=False):
         if "weight" not in names or module.groups != 1 or not _native_applies(a):
             return None
         x, d4, kernel, dilation, stride = self._as_2d(module, a, d)
-        s, sq = native.conv2d_sums_and_norms(x, d4, kernel, dilation, stride, out)
-        sums = {"weight": s.reshape(module.weight.shape)}
-        if "bias" in names:
-            per = _conv_bias_grads(d)
-            sums["bias"] = per.sum(0)
-            sq = sq + per.square().sum(1)
-        return sums, sq
+        s, sq, q = native.conv2d_sums_and_norms(x, d4, kernel, dilation, stride, out, coordinates)
+        per = _conv_bias_grads(d) if "bias" in names else None
+        return _with_bias(module, s, sq, q, per)
 
     def elements_per_sample(self, module, a, d, names, workspace):
         n = super().elements_per_sample(module, a, d, names, workspace)

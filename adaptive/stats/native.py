@@ -45,6 +45,7 @@ def _load() -> ctypes.CDLL | None:
         if path.exists():
             lib = ctypes.CDLL(str(path))
             lib.adaptive_psg_linear.restype = ctypes.c_int
+            # pointer arguments: d, a, geometry, s, q (may be None), norms, scratch
             lib.adaptive_psg_linear.argtypes = [
                 _P,
                 _L,
@@ -52,17 +53,15 @@ def _load() -> ctypes.CDLL | None:
                 _L,
                 _P,
                 _P,
-                _L,
-                _L,
-                _L,
-                _L,
+                *[_L] * 4,
+                _P,
                 _P,
                 _I,
                 _P,
                 _P,
             ]
             lib.adaptive_psg_conv.restype = ctypes.c_int
-            lib.adaptive_psg_conv.argtypes = [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _I, _P, _P]
+            lib.adaptive_psg_conv.argtypes = [_P, _L, _L, _L, _P, _P, *[_L] * 3, _P, _P, _I, _P, _P]
             _lib = lib
             break
     return _lib
@@ -84,9 +83,13 @@ def _longs(values: list[int]) -> ctypes.Array:
     return (ctypes.c_long * len(values))(*values)
 
 
-def linear_sums_and_norms(a: Tensor, d: Tensor, out: Workspace) -> tuple[Tensor, Tensor]:
-    """``(Σ_i G_i, ‖G_i‖²)`` for a Linear layer: ``a`` (b, ..., N) input, ``d`` (b, ..., O) output
-    gradient, float32 on CPU; shapes ``(O, N)`` and ``(b,)``."""
+Sums = tuple[Tensor, Tensor, Tensor | None]
+
+
+def linear_sums_and_norms(a: Tensor, d: Tensor, out: Workspace, coordinates: bool = False) -> Sums:
+    """``(Σ_i G_i, ‖G_i‖², Σ_i G_i² or None)`` for a Linear layer: ``a`` (b, ..., N) input, ``d``
+    (b, ..., O) output gradient, float32 on CPU; shapes ``(O, N)``, ``(b,)`` and ``(O, N)`` (the
+    elementwise squares only with ``coordinates``)."""
     lib = _load()
     assert lib is not None
     b, n, o = a.shape[0], a.shape[-1], d.shape[-1]
@@ -97,6 +100,7 @@ def linear_sums_and_norms(a: Tensor, d: Tensor, out: Workspace) -> tuple[Tensor,
     threads = _threads(b)
     s = out((threads, o, padded), slot=0)
     scratch = out((threads, t_len, padded), slot=1)
+    q = out((threads, o, padded), slot=2) if coordinates else None
     norms = torch.empty(b, dtype=torch.float32)
     used = lib.adaptive_psg_linear(
         dd.data_ptr(),
@@ -110,12 +114,14 @@ def linear_sums_and_norms(a: Tensor, d: Tensor, out: Workspace) -> tuple[Tensor,
         o,
         n,
         s.data_ptr(),
+        None if q is None else q.data_ptr(),
         threads,
         norms.data_ptr(),
         scratch.data_ptr(),
     )
-    # a new tensor (the workspace is reused by the next layer): autograd keeps it as the gradient
-    return s[:used].sum(0)[:, :n], norms
+    # new tensors (the workspace is reused by the next layer): autograd keeps the sum
+    coords = None if q is None else q[:used].sum(0)[:, :n]
+    return s[:used].sum(0)[:, :n], norms, coords
 
 
 def conv2d_sums_and_norms(
@@ -125,10 +131,11 @@ def conv2d_sums_and_norms(
     dilation: tuple[int, int],
     stride: tuple[int, int],
     out: Workspace,
-) -> tuple[Tensor, Tensor]:
-    """``(Σ_i G_i, ‖G_i‖²)`` for a convolution with ``groups == 1``: ``x`` the padded input
-    (b, C, H, W), ``d`` the output gradient (b, O, Ho, Wo), float32 on CPU; the sum has shape
-    ``(O, C·kh·kw)`` in the weight's ``(c, kh, kw)`` order."""
+    coordinates: bool = False,
+) -> Sums:
+    """``(Σ_i G_i, ‖G_i‖², Σ_i G_i² or None)`` for a convolution with ``groups == 1``: ``x`` the
+    padded input (b, C, H, W), ``d`` the output gradient (b, O, Ho, Wo), float32 on CPU; the sums
+    have shape ``(O, C·kh·kw)`` in the weight's ``(c, kh, kw)`` order."""
     lib = _load()
     assert lib is not None
     b, c = x.shape[:2]
@@ -140,6 +147,7 @@ def conv2d_sums_and_norms(
     threads = _threads(b)
     s = out((threads, padded_n, padded_o), slot=0)
     scratch = out((threads, ho * wo, padded_o), slot=1)
+    q = out((threads, padded_n, padded_o), slot=2) if coordinates else None
     norms = torch.empty(b, dtype=torch.float32)
     used = lib.adaptive_psg_conv(
         d3.data_ptr(),
@@ -152,10 +160,12 @@ def conv2d_sums_and_norms(
         o,
         n,
         s.data_ptr(),
+        None if q is None else q.data_ptr(),
         threads,
         norms.data_ptr(),
         scratch.data_ptr(),
     )
     if used == 0:
         raise MemoryError("adaptive_psg_conv: out of memory for the column offsets")
-    return s[:used].sum(0)[:n, :o].t(), norms
+    coords = None if q is None else q[:used].sum(0)[:n, :o].t()
+    return s[:used].sum(0)[:n, :o].t(), norms, coords

@@ -215,11 +215,13 @@ class GradientStatistics:
             layer's parameters have ``requires_grad`` switched off during its forward call
             only). ``False`` leaves every gradient to autograd. On CPU with the compiled kernel
             (:mod:`adaptive.stats.native`), every sequence Linear and ``groups == 1``
-            convolution fuses, and the kernel returns the norms and the batch gradient without
-            storing per-sample gradients (unless ``per_coordinate`` or :meth:`set_target` needs
-            them). Otherwise :func:`adaptive.stats.layers.materialising_pays` decides;
-            per-sample gradients are then built for at most 2^24 elements at a time (a larger
-            batch goes in chunks of samples), on CPU in one buffer kept between steps.
+            convolution fuses, and the kernel returns the norms, the batch gradient and (with
+            ``per_coordinate``) the per-coordinate squares without storing per-sample gradients;
+            the inner products and target dots then pair each sample with the direction by one
+            contraction of the layer's input and output gradient. Otherwise
+            :func:`adaptive.stats.layers.materialising_pays` decides; per-sample gradients are
+            then built for at most 2^24 elements at a time (a larger batch goes in chunks of
+            samples), on CPU in one buffer kept between steps.
 
     Accumulation. Several ``capture()`` blocks before one :meth:`result` are micro-batches of one
     batch, each micro-batch's mean loss divided by the number ``A`` of micro-batches (Lightning's
@@ -595,18 +597,31 @@ class GradientStatistics:
         out = self._workspace if d.device.type == "cpu" else None
         if mb is not None:
             self._start(mb, b, site.name)
-        if out is not None and not self.per_coordinate and self._target is None:
-            fast = rule.native_sums(site.module, a, d, names, out)
-            if fast is not None:
-                sums, sq_norms = fast
-                if mb is not None:
-                    mb.sq = _add(mb.sq, sq_norms)
-                    for k in locals_:
-                        self._add_grad(mb, site.params[k][0], sums[k])
+        fast = None
+        if out is not None:
+            fast = rule.native_sums(site.module, a, d, names, out, self.per_coordinate)
+        if fast is not None:
+            sums, sq_norms, coords = fast
+            if mb is not None:
+                mb.sq = _add(mb.sq, sq_norms)
+                for k in locals_:
+                    self._add_grad(mb, site.params[k][0], sums[k])
+                    if coords is not None:
+                        self._add_coordinates(mb, site.params[k][0], coords[k])
+                with _float32(d.device.type):
+                    # pairings with a fixed direction: ⟨g_i, D⟩ without per-sample gradients
+                    if self._target is not None:
+                        dirs = {
+                            k: self._target[site.params[k][0]]
+                            for k in locals_
+                            if site.params[k][0] in self._target
+                        }
+                        if dirs:
+                            dot = rule.dot(site.module, a, d, dirs)
+                            mb.target_dots = _add(mb.target_dots, dot)
                     if self.inner_products:
-                        with _float32(d.device.type):
-                            mb.inner = _add(mb.inner, rule.dot(site.module, a, d, sums))
-                return tuple(sums[k].to(params[k].dtype) for k in locals_)
+                        mb.inner = _add(mb.inner, rule.dot(site.module, a, d, sums))
+            return tuple(sums[k].to(params[k].dtype) for k in locals_)
         per_sample = rule.elements_per_sample(site.module, a, d, names, out is not None)
         chunk = max(1, self._CHUNK_ELEMENTS // max(1, per_sample))
         chunk = -(-b // -(-b // chunk))  # equal chunks: one kernel shape, not a ragged last one
@@ -645,14 +660,8 @@ class GradientStatistics:
                     if dot is not None:
                         dots.append(dot)
                 if self.per_coordinate:
-                    w = self._scale_factor() ** 2
                     for k, g in per.items():
-                        full = site.params[k][0]
-                        c = g.square().sum(0) * (
-                            w if mb.inv_scale is None else w * mb.inv_scale.square()
-                        )
-                        prev = self._coord.get(full)
-                        self._coord[full] = c if prev is None else prev + c
+                        self._add_coordinates(mb, site.params[k][0], g.square().sum(0))
             if mb is not None:
                 mb.sq = _add(mb.sq, torch.cat(sq) if len(sq) > 1 else sq[0])
                 for k in locals_:
@@ -689,12 +698,8 @@ class GradientStatistics:
                 if dirs:
                     mb.target_dots = _add(mb.target_dots, rule.dot(module, a, d, dirs))
             if self.per_coordinate:
-                w = self._scale_factor() ** 2
                 for loc, c in rule.coordinate_sq(module, a, d, names).items():
-                    full = site.params[loc][0]
-                    c = c * (w if mb.inv_scale is None else w * mb.inv_scale.square())
-                    prev = self._coord.get(full)
-                    self._coord[full] = c if prev is None else prev + c
+                    self._add_coordinates(mb, site.params[loc][0], c)
         if self.inner_products:
             mb.pending[site.name] = [a, d, len(site.params)]
 
@@ -729,6 +734,13 @@ class GradientStatistics:
         self._grad_sums[full] = contrib if prev is None else prev + contrib
         if self._mode == "groups" or self.inner_products:
             mb.sum_sq = _add(mb.sum_sq, g32.square().sum())
+
+    def _add_coordinates(self, mb: _MicroBatch, full: str, raw_sq: Tensor) -> None:
+        """Add ``Σ_i (raw g_i)²`` of one parameter (float32) to the per-coordinate sums."""
+        w = self._scale_factor() ** 2
+        c = raw_sq * (w if mb.inv_scale is None else w * mb.inv_scale.square())
+        prev = self._coord.get(full)
+        self._coord[full] = c if prev is None else prev + c
 
     # ------------------------------------------------------------------ result
     def result(self, *, loss_divisor: float | None = None) -> StatisticsResult:

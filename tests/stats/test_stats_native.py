@@ -90,10 +90,13 @@ def test_linear_sums_and_norms_against_torch_func(threads, b, t, n_in, n_out):
     wide = torch.randn(b, t, n_out + 3)
     wide[..., 1:-2] = d
     for x, dd in ((a, d), (a.mT.contiguous().mT, wide[..., 1:-2])):
-        s, sq = native.linear_sums_and_norms(x, dd, workspace_with_nan())
-        assert s.shape == (n_out, n_in) and sq.shape == (b,)
+        s, sq, none = native.linear_sums_and_norms(x, dd, workspace_with_nan())
+        assert s.shape == (n_out, n_in) and sq.shape == (b,) and none is None
         assert_rel(s, want.sum(0))
         assert_rel(sq, want.square().sum((1, 2)))
+        s2, sq2, q = native.linear_sums_and_norms(x, dd, workspace_with_nan(), coordinates=True)
+        assert torch.equal(s2, s) and torch.equal(sq2, sq)
+        assert_rel(q, want.square().sum(0))  # Σ_i G_i², elementwise
 
 
 CONVS = [
@@ -123,13 +126,16 @@ def test_conv_native_sums_against_torch_func(threads, conv):
     inputs = [a, wide[:, 1:-1]]  # and a channel slice of a wider tensor
     if a.dim() == 4:
         inputs.append(a.contiguous(memory_format=torch.channels_last))
-    for x in inputs:
-        got = ConvRule().native_sums(conv, x, d, names, workspace_with_nan())
+    for x, coordinates in zip(inputs, (True, False, True), strict=False):
+        got = ConvRule().native_sums(conv, x, d, names, workspace_with_nan(), coordinates)
         assert got is not None
-        sums, sq = got
+        sums, sq, coords = got
         for k, g in want.items():
             assert sums[k].shape == g.shape[1:]
             assert_rel(sums[k], g.sum(0))
+            if coordinates:
+                assert_rel(coords[k], g.square().sum(0))
+        assert coordinates or coords is None
         assert_rel(sq, sq_want)
 
 
