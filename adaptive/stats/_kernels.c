@@ -83,16 +83,32 @@ static void pack(const float *a, const long *g, long i, long t_len, long n, long
     }
 }
 
+/* How thread k of m splits the work: split == 0, samples [i0, i1) and every unit (each thread
+ * then keeps its own sums, summed by the caller); split == 1, every sample and units [u0, u1)
+ * (one shared sum, each thread writing its own rows of it, and partial norms per thread, for a
+ * layer whose sums are too large to keep one per thread). */
+static void share(int split, int k, int m, long b, long units, long *i0, long *i1, long *u0,
+                  long *u1) {
+    if (split) {
+        *i0 = 0, *i1 = b, *u0 = units * k / m, *u1 = units * (k + 1) / m;
+    } else {
+        *i0 = b * k / m, *i1 = b * (k + 1) / m, *u0 = 0, *u1 = units;
+    }
+}
+
 /* Linear layers. For i in [0, b): G_i[o, k] = sum_t d[i*d_sb + t*d_st + o*d_so] x_i[t, k] with
- * x_i from pack (geom = {sb, st, sn}); norms[i] = ||G_i||^2; thread k of nt writes the sum of
- * its G_i to s + k*o_len*np as an (o_len, np) row-major block (np = n rounded up to 16; the pad
- * columns are zero); where q is not NULL, the sum of their elementwise squares likewise at
- * q + k*o_len*np. scratch holds nt*t_len*np floats. Returns the threads used. */
+ * x_i from pack (geom = {sb, st, sn}); np = n rounded up to 16.
+ * split == 0: thread k writes the sum of its samples' G_i to s + k*o_len*np as an (o_len, np)
+ *   row-major block (pad columns zero) and ||G_i||^2 to norms[i];
+ * split == 1: threads share the rows (blocks of ROWS) of one (o_len, np) sum at s and write the
+ *   part of ||G_i||^2 from their rows to norms[k*b + i].
+ * Where q is not NULL, the sums of elementwise squares go to q likewise. scratch holds
+ * nt*t_len*np floats. Returns the threads used. */
 int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_t d_so,
                         const float *a, const long *geom, long b, long t_len, long o_len, long n,
-                        float *s, float *q, int nt, float *norms, float *scratch) {
-    const long np = (n + 15) / 16 * 16;
-    if (nt > b) nt = (int)b;
+                        float *s, float *q, int split, int nt, float *norms, float *scratch) {
+    const long np = (n + 15) / 16 * 16, units = (o_len + ROWS - 1) / ROWS;
+    if (!split && nt > b) nt = (int)b;
     if (nt < 1) nt = 1;
     int used = nt;
 #pragma omp parallel num_threads(nt)
@@ -100,15 +116,18 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
         const int k = omp_get_thread_num(), m = omp_get_num_threads();
 #pragma omp single
         used = m;
-        const long i0 = b * k / m, i1 = b * (k + 1) / m;
+        long i0, i1, u0, u1;
+        share(split, k, m, b, units, &i0, &i1, &u0, &u1);
         float *xp = scratch + (ptrdiff_t)k * t_len * np;
-        float *sk = s + (ptrdiff_t)k * o_len * np;
-        float *qk = q ? q + (ptrdiff_t)k * o_len * np : NULL;
-        for (long i = i0; i < i1; i++) {
+        const ptrdiff_t mine = split ? 0 : (ptrdiff_t)k * o_len * np;
+        float *sk = s + mine;
+        float *qk = q ? q + mine : NULL;
+        float *nk = split ? norms + (ptrdiff_t)k * b : norms;
+        for (long i = i0; i < i1 && u1 > u0; i++) {
             pack(a, geom, i, t_len, n, np, xp);
             const float *di = d + i * d_sb;
             v16 nacc = {0};
-            for (long o0 = 0; o0 < o_len; o0 += ROWS) {
+            for (long o0 = u0 * ROWS; o0 < o_len && o0 < u1 * ROWS; o0 += ROWS) {
                 const int rows = o_len - o0 < ROWS ? (int)(o_len - o0) : ROWS;
                 long c0 = 0;
                 for (; c0 + 32 <= np; c0 += 32)
@@ -121,9 +140,11 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
                           i == i0);
             }
             float total = 0.f;
-            for (int q = 0; q < 16; q++) total += nacc[q];
-            norms[i] = total;
+            for (int r = 0; r < 16; r++) total += nacc[r];
+            nk[i] = total;
         }
+        if (split && u1 <= u0)
+            for (long i = 0; i < b; i++) nk[i] = 0.f;
     }
     return used;
 }
@@ -225,19 +246,22 @@ static void repack_channels_last(const float *d, ptrdiff_t d_so, ptrdiff_t d_st,
 /* For i in [0, b): G_i[o, n] = sum_t d[i*d_sb + o*d_so + t*d_st] x_i[t, n], with t = (h, w),
  * n = (c, u, v) and x_i[t, n] = a[i*sb + c*sc + (h*stride_h + u*dil_h)*sh
  * + (w*stride_w + v*dil_w)*sw] from the padded input a, for geom = {sb, sc, sh, sw, wo, kh, kw,
- * stride_h, stride_w, dil_h, dil_w, ho}; norms[i] = ||G_i||^2; thread k
- * writes the sum of its G_i transposed, as an (npad, opad) row-major block at s + k*npad*opad
- * (npad = n rounded up to 16, opad = o_len rounded up to 16; only [:n, :o_len] is meaningful);
- * where q is not NULL, the sum of their elementwise squares likewise at q + k*npad*opad.
- * scratch holds nt*t_len*opad floats. Returns the threads used (0: out of memory). */
+ * stride_h, stride_w, dil_h, dil_w, ho}; npad = n and opad = o_len rounded up to 16. The sums
+ * are transposed, (npad, opad) row-major, only [:n, :o_len] meaningful.
+ * split == 0: thread k writes the sum of its samples' G_i at s + k*npad*opad and ||G_i||^2 to
+ *   norms[i];
+ * split == 1: threads share the columns n (blocks of 16) of one sum at s and write the part of
+ *   ||G_i||^2 from their columns to norms[k*b + i].
+ * Where q is not NULL, the sums of elementwise squares go to q likewise. scratch holds
+ * nt*t_len*opad floats. Returns the threads used (0: out of memory). */
 int adaptive_psg_conv(const float *d, ptrdiff_t d_sb, ptrdiff_t d_so, ptrdiff_t d_st,
                       const float *a, const long *geom, long b, long o_len, long n, float *s,
-                      float *q, int nt, float *norms, float *scratch) {
+                      float *q, int split, int nt, float *norms, float *scratch) {
     const long wo = geom[4], kh = geom[5], kw = geom[6];
     const long t_len = geom[11] * wo, ho = geom[11];
-    const long opad = (o_len + 15) / 16 * 16, npad = (n + 15) / 16 * 16;
+    const long opad = (o_len + 15) / 16 * 16, npad = (n + 15) / 16 * 16, units = npad / 16;
     const long step_h = geom[7] * geom[2], step_w = geom[8] * geom[3];
-    if (nt > b) nt = (int)b;
+    if (!split && nt > b) nt = (int)b;
     if (nt < 1) nt = 1;
     long *off = malloc(npad * sizeof(long));
     if (off == NULL) return 0;
@@ -255,31 +279,37 @@ int adaptive_psg_conv(const float *d, ptrdiff_t d_sb, ptrdiff_t d_so, ptrdiff_t 
         const int k = omp_get_thread_num(), m = omp_get_num_threads();
 #pragma omp single
         used = m;
-        const long i0 = b * k / m, i1 = b * (k + 1) / m;
+        long i0, i1, u0, u1;
+        share(split, k, m, b, units, &i0, &i1, &u0, &u1);
+        const long n_lo = u0 * 16, n_hi = u1 * 16 < n ? u1 * 16 : n;
         float *dt = scratch + (ptrdiff_t)k * t_len * opad;
-        float *sk = s + (ptrdiff_t)k * npad * opad;
-        float *qk = q ? q + (ptrdiff_t)k * npad * opad : NULL;
+        const ptrdiff_t mine = split ? 0 : (ptrdiff_t)k * npad * opad;
+        float *sk = s + mine;
+        float *qk = q ? q + mine : NULL;
+        float *nk = split ? norms + (ptrdiff_t)k * b : norms;
         memset(dt, 0, t_len * opad * sizeof(float)); /* pad channels stay zero */
-        for (long i = i0; i < i1; i++) {
+        for (long i = i0; i < i1 && n_hi > n_lo; i++) {
             const float *di = d + i * d_sb;
             repack_channels_last(di, d_so, d_st, o_len, t_len, dt, opad);
             const float *ai = a + i * geom[0];
             v16 nacc = {0};
             long o0 = 0;
             for (; o0 + 32 <= opad; o0 += 32)
-                for (long n0 = 0; n0 < n; n0 += 8)
+                for (long n0 = n_lo; n0 < n_hi; n0 += 8)
                     conv_block_2x8(dt + o0, opad, ho, wo, ai, step_h, step_w, off + n0,
-                                   n - n0 < 8 ? (int)(n - n0) : 8, sk + n0 * opad + o0,
+                                   n_hi - n0 < 8 ? (int)(n_hi - n0) : 8, sk + n0 * opad + o0,
                                    qk ? qk + n0 * opad + o0 : NULL, &nacc, i == i0);
             if (o0 < opad)
-                for (long n0 = 0; n0 < n; n0 += 16)
+                for (long n0 = n_lo; n0 < n_hi; n0 += 16)
                     conv_block_1x16(dt + o0, opad, ho, wo, ai, step_h, step_w, off + n0,
-                                    n - n0 < 16 ? (int)(n - n0) : 16, sk + n0 * opad + o0,
+                                    n_hi - n0 < 16 ? (int)(n_hi - n0) : 16, sk + n0 * opad + o0,
                                     qk ? qk + n0 * opad + o0 : NULL, &nacc, i == i0);
             float total = 0.f;
-            for (int q = 0; q < 16; q++) total += nacc[q];
-            norms[i] = total;
+            for (int r = 0; r < 16; r++) total += nacc[r];
+            nk[i] = total;
         }
+        if (split && n_hi <= n_lo)
+            for (long i = 0; i < b; i++) nk[i] = 0.f;
     }
     free(off);
     return used;

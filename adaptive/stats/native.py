@@ -27,6 +27,12 @@ __all__ = ["available", "conv2d_sums_and_norms", "linear_sums_and_norms"]
 _P = ctypes.c_void_p
 _L = ctypes.c_long
 _I = ctypes.c_int
+# d and its three strides, a, geometry, then the sizes (linear: b, t_len, o_len, n; conv: b,
+# o_len, n), then s, q (may be None), split, threads, norms, scratch
+_SIGNATURES = {
+    "adaptive_psg_linear": [_P, _L, _L, _L, _P, _P, _L, _L, _L, _L, _P, _P, _I, _I, _P, _P],
+    "adaptive_psg_conv": [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _P, _I, _I, _P, _P],
+}
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -44,24 +50,9 @@ def _load() -> ctypes.CDLL | None:
         path = here / f"_kernels{suffix}"
         if path.exists():
             lib = ctypes.CDLL(str(path))
-            lib.adaptive_psg_linear.restype = ctypes.c_int
-            # pointer arguments: d, a, geometry, s, q (may be None), norms, scratch
-            lib.adaptive_psg_linear.argtypes = [
-                _P,
-                _L,
-                _L,
-                _L,
-                _P,
-                _P,
-                *[_L] * 4,
-                _P,
-                _P,
-                _I,
-                _P,
-                _P,
-            ]
-            lib.adaptive_psg_conv.restype = ctypes.c_int
-            lib.adaptive_psg_conv.argtypes = [_P, _L, _L, _L, _P, _P, *[_L] * 3, _P, _P, _I, _P, _P]
+            for name, argtypes in _SIGNATURES.items():
+                getattr(lib, name).restype = ctypes.c_int
+                getattr(lib, name).argtypes = argtypes
             _lib = lib
             break
     return _lib
@@ -75,8 +66,29 @@ def available() -> bool:
 Workspace = Callable[..., Tensor]
 
 
-def _threads(b: int) -> int:
-    return max(1, min(torch.get_num_threads(), b))
+# Above this many bytes of per-thread sums, the threads share one sum (each writes its own
+# rows) instead of keeping one each: a large layer (a language-model head) would otherwise
+# need a copy of its gradient per thread.
+_PER_THREAD_SUMS_BYTES = 16 << 20
+
+
+def _plan(b: int, sum_elements: int, coordinates: bool) -> tuple[int, bool]:
+    """(threads, split): split the sums' rows across threads where per-thread copies are large."""
+    threads = max(1, torch.get_num_threads())
+    copies = 2 if coordinates else 1
+    split = threads > 1 and threads * sum_elements * copies * 4 > _PER_THREAD_SUMS_BYTES
+    return (threads if split else max(1, min(threads, b))), split
+
+
+def _finish(
+    s: Tensor, q: Tensor | None, norms: Tensor, used: int, split: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Sum the per-thread parts (new tensors: the workspace is reused by the next layer, and
+    autograd keeps the sum as the gradient)."""
+    blocks = 1 if split else used
+    total = s[:blocks].sum(0)
+    coords = None if q is None else q[:blocks].sum(0)
+    return total, coords, norms[:used].sum(0) if split else norms[0]
 
 
 def _longs(values: list[int]) -> ctypes.Array:
@@ -97,11 +109,12 @@ def linear_sums_and_norms(a: Tensor, d: Tensor, out: Workspace, coordinates: boo
     dd = d.reshape(b, -1, o)
     t_len = x.shape[1]
     padded = -(-n // 16) * 16
-    threads = _threads(b)
-    s = out((threads, o, padded), slot=0)
+    threads, split = _plan(b, o * padded, coordinates)
+    blocks = 1 if split else threads
+    s = out((blocks, o, padded), slot=0)
     scratch = out((threads, t_len, padded), slot=1)
-    q = out((threads, o, padded), slot=2) if coordinates else None
-    norms = torch.empty(b, dtype=torch.float32)
+    q = out((blocks, o, padded), slot=2) if coordinates else None
+    norms = torch.empty(threads if split else 1, b, dtype=torch.float32)
     used = lib.adaptive_psg_linear(
         dd.data_ptr(),
         dd.stride(0),
@@ -115,13 +128,13 @@ def linear_sums_and_norms(a: Tensor, d: Tensor, out: Workspace, coordinates: boo
         n,
         s.data_ptr(),
         None if q is None else q.data_ptr(),
+        int(split),
         threads,
         norms.data_ptr(),
         scratch.data_ptr(),
     )
-    # new tensors (the workspace is reused by the next layer): autograd keeps the sum
-    coords = None if q is None else q[:used].sum(0)[:, :n]
-    return s[:used].sum(0)[:, :n], norms, coords
+    total, coords, norms = _finish(s, q, norms, used, split)
+    return total[:, :n], norms, None if coords is None else coords[:, :n]
 
 
 def conv2d_sums_and_norms(
@@ -144,11 +157,12 @@ def conv2d_sums_and_norms(
     n = c * kernel[0] * kernel[1]
     geom = [*x.stride(), wo, *kernel, *stride, *dilation, ho]
     padded_o, padded_n = -(-o // 16) * 16, -(-n // 16) * 16
-    threads = _threads(b)
-    s = out((threads, padded_n, padded_o), slot=0)
+    threads, split = _plan(b, padded_n * padded_o, coordinates)
+    blocks = 1 if split else threads
+    s = out((blocks, padded_n, padded_o), slot=0)
     scratch = out((threads, ho * wo, padded_o), slot=1)
-    q = out((threads, padded_n, padded_o), slot=2) if coordinates else None
-    norms = torch.empty(b, dtype=torch.float32)
+    q = out((blocks, padded_n, padded_o), slot=2) if coordinates else None
+    norms = torch.empty(threads if split else 1, b, dtype=torch.float32)
     used = lib.adaptive_psg_conv(
         d3.data_ptr(),
         d3.stride(0),
@@ -161,11 +175,12 @@ def conv2d_sums_and_norms(
         n,
         s.data_ptr(),
         None if q is None else q.data_ptr(),
+        int(split),
         threads,
         norms.data_ptr(),
         scratch.data_ptr(),
     )
     if used == 0:
         raise MemoryError("adaptive_psg_conv: out of memory for the column offsets")
-    coords = None if q is None else q[:used].sum(0)[:n, :o].t()
-    return s[:used].sum(0)[:n, :o].t(), norms, coords
+    total, coords, norms = _finish(s, q, norms, used, split)
+    return total[:n, :o].t(), norms, None if coords is None else coords[:n, :o].t()

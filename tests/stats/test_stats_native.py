@@ -54,6 +54,14 @@ def threads(request):
     torch.set_num_threads(before)
 
 
+@pytest.fixture(params=[False, True], ids=["sums-per-thread", "shared-sums"])
+def shared(request, monkeypatch):
+    """With a zero budget for per-thread sums, two or more threads share one sum by rows."""
+    if request.param:
+        monkeypatch.setattr(native, "_PER_THREAD_SUMS_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.skipif(
     shutil.which("cc") is None, reason="no C compiler: the install skips the kernel"
 )
@@ -77,10 +85,10 @@ def test_environment_switch_turns_it_off(monkeypatch):
         (5, 7, 13, 11),  # tails: 13 input columns (one padded block), 11 rows (8 + 3)
         (9, 4, 64, 16),  # whole 8×32 blocks
         (1, 6, 40, 9),  # fewer samples than threads
-        (4, 1, 20, 3),  # one position
+        (4, 1, 20, 3),  # one position; shared sums: fewer row blocks than threads
     ],
 )
-def test_linear_sums_and_norms_against_torch_func(threads, b, t, n_in, n_out):
+def test_linear_sums_and_norms_against_torch_func(threads, shared, b, t, n_in, n_out):
     torch.manual_seed(0)
     layer = nn.Linear(n_in, n_out, bias=False)
     a = torch.randn(b, t, n_in)
@@ -111,7 +119,7 @@ CONVS = [
 
 
 @pytest.mark.parametrize("conv", CONVS, ids=lambda c: repr(c))
-def test_conv_native_sums_against_torch_func(threads, conv):
+def test_conv_native_sums_against_torch_func(threads, shared, conv):
     torch.manual_seed(0)
     shape = (
         (5, conv.in_channels, 13) if isinstance(conv, nn.Conv1d) else (5, conv.in_channels, 9, 8)
