@@ -136,13 +136,6 @@ def _grouped_coordinate_sq(x: Tensor, d: Tensor) -> Tensor:
     return (d @ x.transpose(-1, -2)).square().sum(0)
 
 
-def _grouped_dot(x: Tensor, d: Tensor, w: Tensor) -> Tensor:
-    """⟨Δ_i X_iᵀ, W⟩ summed over groups for W (g, n_out, n_in); shape (b,)."""
-    # Σ_t δ_itᵀ W x_it: contract W with δ first (n_out → n_in), then with x.
-    wd = w.transpose(-1, -2).unsqueeze(0) @ d  # (b,g,n_in,T)
-    return (wd * x).reshape(x.shape[0], -1).sum(1)
-
-
 def _conv_bias_grads(d: Tensor) -> Tensor:
     """Per-sample conv bias gradients ``(b, C_out)``: the output gradient summed over positions."""
     return d.float().reshape(d.shape[0], d.shape[1], -1).sum(-1)
@@ -251,9 +244,6 @@ class _GroupedMatmulRule(LayerRule):
     def operands(self, module: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def weight_view(self, module: nn.Module, w: Tensor) -> Tensor:
-        raise NotImplementedError
-
     def sq_norms(self, module, a, d, names):
         x, dd = self.operands(module, a, d)
         if "weight" in names:
@@ -273,17 +263,6 @@ class _GroupedMatmulRule(LayerRule):
             res["bias"] = dd.sum(-1).reshape(dd.shape[0], -1).square().sum(0)
         return res
 
-    def dot(self, module, a, d, directions):
-        x, dd = self.operands(module, a, d)
-        b = x.shape[0]
-        out = torch.zeros(b, device=d.device, dtype=torch.float32)
-        if "weight" in directions:
-            w = self.weight_view(module, directions["weight"].float())
-            out = out + _grouped_dot(x, dd, w)
-        if "bias" in directions:
-            out = out + dd.sum(-1).reshape(b, -1) @ directions["bias"].float().reshape(-1)
-        return out
-
 
 class LinearRule(_GroupedMatmulRule):
     """``nn.Linear`` on inputs ``(b, in)`` or ``(b, *seq, in)``: the sequence axes share the weight."""
@@ -299,8 +278,21 @@ class LinearRule(_GroupedMatmulRule):
         dd = d.float().reshape(b, -1, d.shape[-1]).transpose(1, 2).unsqueeze(1)
         return x, dd
 
-    def weight_view(self, module, w):
-        return w.unsqueeze(0)
+    def dot(self, module, a, d, directions):
+        """``⟨G_i, W⟩ = Σ_t δ_it·(W x_it)``: one matmul over all samples' positions (the layer is
+        linear in its weight), then a per-sample sum."""
+        b = d.shape[0]
+        if a.dim() < 2:
+            self.operands(module, a, d)  # raises with the message about the batch axis
+        x = a.float().reshape(b, -1, a.shape[-1])
+        dd = d.float().reshape(b, -1, d.shape[-1])
+        out = torch.zeros(b, device=d.device, dtype=torch.float32)
+        if "weight" in directions:
+            y = x @ directions["weight"].float().t()
+            out = out + (y * dd).reshape(b, -1).sum(1)
+        if "bias" in directions:
+            out = out + dd.sum(1) @ directions["bias"].float()
+        return out
 
     def fusable(self, module, a):
         n_in, n_out = module.in_features, module.out_features
@@ -342,10 +334,6 @@ class ConvRule(_GroupedMatmulRule):
         x = cols.reshape(b, g, -1, cols.shape[-1])
         dd = d.float().reshape(b, g, module.out_channels // g, -1)
         return x, dd
-
-    def weight_view(self, module, w):
-        g = module.groups
-        return w.reshape(g, module.out_channels // g, -1)
 
     @staticmethod
     def _as_2d(conv: nn.Module, a: Tensor, d: Tensor):
