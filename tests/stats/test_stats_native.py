@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -268,3 +270,65 @@ def test_float64_layers_keep_autograd_gradients(models):
         assert p.grad.dtype == torch.float64 and torch.equal(p.grad, q.grad)
     ref = reference_statistics(per_sample_gradients(reference, loss_fn, x, y))
     assert_rel(s.per_sample_sq_norms, ref["per_sample_sq_norms"], rtol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 5),
+    t=st.integers(1, 9),
+    n_in=st.integers(1, 40),
+    n_out=st.integers(1, 20),
+    threads=st.sampled_from([1, 2]),
+    shared=st.booleans(),
+    coordinates=st.booleans(),
+)
+def test_linear_kernel_on_random_shapes(b, t, n_in, n_out, threads, shared, coordinates):
+    """Against the per-sample gradients written out (einsum in float64)."""
+    g = torch.Generator().manual_seed(b * 1000 + t * 100 + n_in * 10 + n_out)
+    a = torch.randn(b, t, n_in, generator=g)
+    d = torch.randn(b, t, n_out, generator=g)
+    want = torch.einsum("bto,btn->bon", d.double(), a.double())
+    before, budget = torch.get_num_threads(), native._PER_THREAD_SUMS_BYTES
+    torch.set_num_threads(threads)
+    native._PER_THREAD_SUMS_BYTES = 0 if shared else budget
+    try:
+        s, sq, q = native.linear_sums_and_norms(a, d, workspace_with_nan(), coordinates)
+    finally:
+        torch.set_num_threads(before)
+        native._PER_THREAD_SUMS_BYTES = budget
+    assert_rel(s, want.sum(0))
+    assert_rel(sq, want.square().sum((1, 2)))
+    if coordinates:
+        assert_rel(q, want.square().sum(0))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    c=st.integers(1, 6),
+    o=st.integers(1, 40),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    threads=st.sampled_from([1, 2]),
+    shared=st.booleans(),
+)
+def test_conv_kernel_on_random_geometry(c, o, kernel, stride, dilation, threads, shared):
+    """Against torch.func per-sample gradients, over kernel sizes, strides and dilations."""
+    torch.manual_seed(c * 100 + o)
+    conv = nn.Conv2d(c, o, kernel, stride=stride, dilation=dilation)
+    a = torch.randn(3, c, 11, 10)
+    d = torch.randn_like(conv(a))
+    want = per_sample(conv, a, d)
+    before, budget = torch.get_num_threads(), native._PER_THREAD_SUMS_BYTES
+    torch.set_num_threads(threads)
+    native._PER_THREAD_SUMS_BYTES = 0 if shared else budget
+    try:
+        got = ConvRule().native_sums(conv, a, d, frozenset(want), workspace_with_nan(), True)
+    finally:
+        torch.set_num_threads(before)
+        native._PER_THREAD_SUMS_BYTES = budget
+    sums, sq, coords = got
+    for k, g in want.items():
+        assert_rel(sums[k], g.sum(0))
+        assert_rel(coords[k], g.square().sum(0))
+    assert_rel(sq, sum(g.reshape(3, -1).square().sum(1) for g in want.values()))
