@@ -83,17 +83,29 @@ static void pack(const float *a, const long *g, long i, long t_len, long n, long
     }
 }
 
-/* How thread k of m splits the work: split == 0, samples [i0, i1) and every unit (each thread
- * then keeps its own sums, summed by the caller); split == 1, every sample and units [u0, u1)
- * (one shared sum, each thread writing its own rows of it, and partial norms per thread, for a
- * layer whose sums are too large to keep one per thread). */
-static void share(int split, int k, int m, long b, long units, long *i0, long *i1, long *u0,
-                  long *u1) {
+/* What the calling thread of an OpenMP team does: split == 0, samples [i0, i1) and every unit
+ * (each thread keeps its own sums, of `block` floats, summed by the caller); split == 1, every
+ * sample and units [u0, u1) (one shared sum, each thread writing its own rows of it, and
+ * partial norms per thread, for a layer whose sums are too large to keep one per thread). */
+typedef struct {
+    int k;
+    long i0, i1, u0, u1;
+    float *s, *q, *norms;
+} part;
+
+static part my_part(int split, long b, long units, ptrdiff_t block, float *s, float *q,
+                    float *norms) {
+    const int k = omp_get_thread_num(), m = omp_get_num_threads();
+    part p = {k, 0, b, 0, units, s, q, norms};
     if (split) {
-        *i0 = 0, *i1 = b, *u0 = units * k / m, *u1 = units * (k + 1) / m;
+        p.u0 = units * k / m, p.u1 = units * (k + 1) / m;
+        p.norms = norms + (ptrdiff_t)k * b;
     } else {
-        *i0 = b * k / m, *i1 = b * (k + 1) / m, *u0 = 0, *u1 = units;
+        p.i0 = b * k / m, p.i1 = b * (k + 1) / m;
+        p.s = s + k * block;
+        p.q = q ? q + k * block : NULL;
     }
+    return p;
 }
 
 /* Linear layers. For i in [0, b): G_i[o, k] = sum_t d[i*d_sb + t*d_st + o*d_so] x_i[t, k] with
@@ -113,16 +125,12 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
     int used = nt;
 #pragma omp parallel num_threads(nt)
     {
-        const int k = omp_get_thread_num(), m = omp_get_num_threads();
 #pragma omp single
-        used = m;
-        long i0, i1, u0, u1;
-        share(split, k, m, b, units, &i0, &i1, &u0, &u1);
-        float *xp = scratch + (ptrdiff_t)k * t_len * np;
-        const ptrdiff_t mine = split ? 0 : (ptrdiff_t)k * o_len * np;
-        float *sk = s + mine;
-        float *qk = q ? q + mine : NULL;
-        float *nk = split ? norms + (ptrdiff_t)k * b : norms;
+        used = omp_get_num_threads();
+        const part p = my_part(split, b, units, (ptrdiff_t)o_len * np, s, q, norms);
+        const long i0 = p.i0, i1 = p.i1, u0 = p.u0, u1 = p.u1;
+        float *sk = p.s, *qk = p.q, *nk = p.norms;
+        float *xp = scratch + (ptrdiff_t)p.k * t_len * np;
         for (long i = i0; i < i1 && u1 > u0; i++) {
             pack(a, geom, i, t_len, n, np, xp);
             const float *di = d + i * d_sb;
@@ -276,17 +284,13 @@ int adaptive_psg_conv(const float *d, ptrdiff_t d_sb, ptrdiff_t d_so, ptrdiff_t 
     int used = nt;
 #pragma omp parallel num_threads(nt)
     {
-        const int k = omp_get_thread_num(), m = omp_get_num_threads();
 #pragma omp single
-        used = m;
-        long i0, i1, u0, u1;
-        share(split, k, m, b, units, &i0, &i1, &u0, &u1);
+        used = omp_get_num_threads();
+        const part p = my_part(split, b, units, (ptrdiff_t)npad * opad, s, q, norms);
+        const long i0 = p.i0, i1 = p.i1, u0 = p.u0, u1 = p.u1;
+        float *sk = p.s, *qk = p.q, *nk = p.norms;
         const long n_lo = u0 * 16, n_hi = u1 * 16 < n ? u1 * 16 : n;
-        float *dt = scratch + (ptrdiff_t)k * t_len * opad;
-        const ptrdiff_t mine = split ? 0 : (ptrdiff_t)k * npad * opad;
-        float *sk = s + mine;
-        float *qk = q ? q + mine : NULL;
-        float *nk = split ? norms + (ptrdiff_t)k * b : norms;
+        float *dt = scratch + (ptrdiff_t)p.k * t_len * opad;
         memset(dt, 0, t_len * opad * sizeof(float)); /* pad channels stay zero */
         for (long i = i0; i < i1 && n_hi > n_lo; i++) {
             const float *di = d + i * d_sb;

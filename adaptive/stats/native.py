@@ -98,6 +98,44 @@ def _longs(values: list[int]) -> ctypes.Array:
 Sums = tuple[Tensor, Tensor, Tensor | None]
 
 
+def _run(
+    fn: Callable[..., int],
+    d: Tensor,
+    d_strides: tuple[int, int, int],
+    a: Tensor,
+    geom: list[int],
+    sizes: list[int],
+    sum_shape: tuple[int, int],
+    scratch_shape: tuple[int, int],
+    out: Workspace,
+    coordinates: bool,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Call one kernel with buffers from the workspace; (sum, squares or None, norms)."""
+    b = d.shape[0]
+    threads, split = _plan(b, sum_shape[0] * sum_shape[1], coordinates)
+    blocks = 1 if split else threads
+    s = out((blocks, *sum_shape), slot=0)
+    scratch = out((threads, *scratch_shape), slot=1)
+    q = out((blocks, *sum_shape), slot=2) if coordinates else None
+    norms = torch.empty(threads if split else 1, b, dtype=torch.float32)
+    used = fn(
+        d.data_ptr(),
+        *d_strides,
+        a.data_ptr(),
+        _longs(geom),
+        *sizes,
+        s.data_ptr(),
+        None if q is None else q.data_ptr(),
+        int(split),
+        threads,
+        norms.data_ptr(),
+        scratch.data_ptr(),
+    )
+    if used == 0:
+        raise MemoryError("adaptive_psg: out of memory for the column offsets")
+    return _finish(s, q, norms, used, split)
+
+
 def linear_sums_and_norms(a: Tensor, d: Tensor, out: Workspace, coordinates: bool = False) -> Sums:
     """``(Σ_i G_i, ‖G_i‖², Σ_i G_i² or None)`` for a Linear layer: ``a`` (b, ..., N) input, ``d``
     (b, ..., O) output gradient, float32 on CPU; shapes ``(O, N)``, ``(b,)`` and ``(O, N)`` (the
@@ -109,31 +147,18 @@ def linear_sums_and_norms(a: Tensor, d: Tensor, out: Workspace, coordinates: boo
     dd = d.reshape(b, -1, o)
     t_len = x.shape[1]
     padded = -(-n // 16) * 16
-    threads, split = _plan(b, o * padded, coordinates)
-    blocks = 1 if split else threads
-    s = out((blocks, o, padded), slot=0)
-    scratch = out((threads, t_len, padded), slot=1)
-    q = out((blocks, o, padded), slot=2) if coordinates else None
-    norms = torch.empty(threads if split else 1, b, dtype=torch.float32)
-    used = lib.adaptive_psg_linear(
-        dd.data_ptr(),
-        dd.stride(0),
-        dd.stride(1),
-        dd.stride(2),
-        x.data_ptr(),
-        _longs([x.stride(0), x.stride(1), x.stride(2)]),
-        b,
-        t_len,
-        o,
-        n,
-        s.data_ptr(),
-        None if q is None else q.data_ptr(),
-        int(split),
-        threads,
-        norms.data_ptr(),
-        scratch.data_ptr(),
+    total, coords, norms = _run(
+        lib.adaptive_psg_linear,
+        dd,
+        (dd.stride(0), dd.stride(1), dd.stride(2)),
+        x,
+        [x.stride(0), x.stride(1), x.stride(2)],
+        [b, t_len, o, n],
+        (o, padded),
+        (t_len, padded),
+        out,
+        coordinates,
     )
-    total, coords, norms = _finish(s, q, norms, used, split)
     return total[:, :n], norms, None if coords is None else coords[:, :n]
 
 
@@ -155,32 +180,18 @@ def conv2d_sums_and_norms(
     o, ho, wo = d.shape[1:]
     d3 = d.reshape(b, o, ho * wo)
     n = c * kernel[0] * kernel[1]
-    geom = [*x.stride(), wo, *kernel, *stride, *dilation, ho]
     padded_o, padded_n = -(-o // 16) * 16, -(-n // 16) * 16
-    threads, split = _plan(b, padded_n * padded_o, coordinates)
-    blocks = 1 if split else threads
-    s = out((blocks, padded_n, padded_o), slot=0)
-    scratch = out((threads, ho * wo, padded_o), slot=1)
-    q = out((blocks, padded_n, padded_o), slot=2) if coordinates else None
-    norms = torch.empty(threads if split else 1, b, dtype=torch.float32)
-    used = lib.adaptive_psg_conv(
-        d3.data_ptr(),
-        d3.stride(0),
-        d3.stride(1),
-        d3.stride(2),
-        x.data_ptr(),
-        _longs(geom),
-        b,
-        o,
-        n,
-        s.data_ptr(),
-        None if q is None else q.data_ptr(),
-        int(split),
-        threads,
-        norms.data_ptr(),
-        scratch.data_ptr(),
+    # the kernel keeps the sums transposed, (n, o): its vectors run along the channels
+    total, coords, norms = _run(
+        lib.adaptive_psg_conv,
+        d3,
+        (d3.stride(0), d3.stride(1), d3.stride(2)),
+        x,
+        [*x.stride(), wo, *kernel, *stride, *dilation, ho],
+        [b, o, n],
+        (padded_n, padded_o),
+        (ho * wo, padded_o),
+        out,
+        coordinates,
     )
-    if used == 0:
-        raise MemoryError("adaptive_psg_conv: out of memory for the column offsets")
-    total, coords, norms = _finish(s, q, norms, used, split)
     return total[:n, :o].t(), norms, None if coords is None else coords[:n, :o].t()
