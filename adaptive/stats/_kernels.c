@@ -20,29 +20,84 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-#define LD(p) (*(const v16u *)(p))
-#define ROWS 8
+/* Register blocking per target. setup.py builds this file once per instruction set (the macro
+ * ADAPTIVE_TARGET_* with that set's -m flags); adaptive/stats/native.py loads the build the CPU
+ * runs best. A vector vf holds VW floats, one machine register: 16 with AVX-512, 8 with AVX2, 4
+ * with SSE2 or NEON. (A 64-byte vector type on AVX2 is lowered through the stack by GCC, and an
+ * AVX-512 blocking spills there too: 3-10x slower than torch on AVX2.) The accumulators fill,
+ * without overflowing, the register file (32 zmm; 16 ymm; 16 xmm; 32 NEON q):
+ *   LIN_ROWS x LIN_NV  accumulators of the Linear block (rows of d x vectors of columns);
+ *   CONV_OV x CONV_NR  accumulators of the convolution block (vectors of channels x columns);
+ *   CONV_TAIL_NR       columns of the one-vector block for channels left after the main blocks.
+ * Buffers are padded to 16 floats, a multiple of every VW. */
+#if defined(ADAPTIVE_TARGET_AVX512)
+#define VW 16
+#define LIN_ROWS 8
+#define LIN_NV 2
+#define CONV_OV 2
+#define CONV_NR 8
+#define CONV_TAIL_NR 16
+#elif defined(ADAPTIVE_TARGET_AVX2)
+#define VW 8
+#define LIN_ROWS 6
+#define LIN_NV 2
+#define CONV_OV 2
+#define CONV_NR 6
+#define CONV_TAIL_NR 12
+#elif defined(__aarch64__)
+#define VW 4
+#define LIN_ROWS 6
+#define LIN_NV 4
+#define CONV_OV 4
+#define CONV_NR 6
+#define CONV_TAIL_NR 24
+#else /* SSE2, the x86-64 baseline, and any other target */
+#define VW 4
+#define LIN_ROWS 6
+#define LIN_NV 2
+#define CONV_OV 2
+#define CONV_NR 6
+#define CONV_TAIL_NR 12
+#endif
+#define ROWS LIN_ROWS
 
-/* One block of G_i: rows o0..o0+rows-1 (rows <= ROWS) of d, columns n0..n0+16*nv-1 (nv in
- * {1, 2}) of the packed input xp (row stride np). Adds the block to S (or stores it, for the
- * thread's first sample), its squares to *nacc and, where q is given, its elementwise squares
- * to Q (same layout as S). */
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
+#define LD(p) (*(const vfu *)(p))
+#define ST(p, v) (*(vfu *)(p) = (v))
+
+static inline float hsum(vf v) {
+    float total = 0.f;
+    for (int r = 0; r < VW; r++) total += v[r];
+    return total;
+}
+
+/* Which blocking this build has (native.py checks it against the build it asked for). */
+int adaptive_psg_blocking(void) {
+    return VW * 10000 + LIN_ROWS * 1000 + LIN_NV * 100 + CONV_OV * 10 + CONV_NR;
+}
+
+/* One block of G_i: rows o0..o0+rows-1 (rows <= ROWS) of d, columns n0..n0+VW*nv-1
+ * (1 <= nv <= LIN_NV) of the packed input xp (row stride np). Adds the block to S (or stores
+ * it, for the thread's first sample), its squares to *nacc and, where q is given, its
+ * elementwise squares to Q (same layout as S). */
 static inline void block(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp,
                          ptrdiff_t np, long t_len, int rows, int nv, float *s, float *q,
-                         ptrdiff_t s_so, v16 *nacc, int first) {
-    v16 a[ROWS][2];
+                         ptrdiff_t s_so, vf *nacc, int first) {
+    vf a[ROWS][LIN_NV];
     memset(a, 0, sizeof(a));
-    if (rows == ROWS && nv == 2) {
+    if (rows == ROWS && nv == LIN_NV) {
         for (long t = 0; t < t_len; t++) {
             const float *xr = xp + t * np;
-            const v16 x0 = LD(xr), x1 = LD(xr + 16);
+            vf x[LIN_NV];
+#pragma GCC unroll 8
+            for (int v = 0; v < LIN_NV; v++) x[v] = LD(xr + VW * v);
             const float *dr = d + t * d_st;
+#pragma GCC unroll 16
             for (int r = 0; r < ROWS; r++) {
                 const float dv = dr[r * d_so];
-                a[r][0] += dv * x0;
-                a[r][1] += dv * x1;
+#pragma GCC unroll 8
+                for (int v = 0; v < LIN_NV; v++) a[r][v] += dv * x[v];
             }
         }
     } else {
@@ -50,20 +105,20 @@ static inline void block(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const f
             const float *xr = xp + t * np;
             const float *dr = d + t * d_st;
             for (int v = 0; v < nv; v++) {
-                const v16 x0 = LD(xr + 16 * v);
+                const vf x0 = LD(xr + VW * v);
                 for (int r = 0; r < rows; r++) a[r][v] += dr[r * d_so] * x0;
             }
         }
     }
     for (int r = 0; r < rows; r++)
         for (int v = 0; v < nv; v++) {
-            float *sp = s + r * s_so + 16 * v;
-            const v16 sq = a[r][v] * a[r][v];
-            *(v16u *)sp = first ? a[r][v] : LD(sp) + a[r][v];
+            float *sp = s + r * s_so + VW * v;
+            const vf sq = a[r][v] * a[r][v];
+            ST(sp, first ? a[r][v] : LD(sp) + a[r][v]);
             *nacc += sq;
             if (q) {
-                float *qp = q + r * s_so + 16 * v;
-                *(v16u *)qp = first ? sq : LD(qp) + sq;
+                float *qp = q + r * s_so + VW * v;
+                ST(qp, first ? sq : LD(qp) + sq);
             }
         }
 }
@@ -134,22 +189,20 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
         for (long i = i0; i < i1 && u1 > u0; i++) {
             pack(a, geom, i, t_len, n, np, xp);
             const float *di = d + i * d_sb;
-            v16 nacc = {0};
+            vf nacc = {0};
             for (long o0 = u0 * ROWS; o0 < o_len && o0 < u1 * ROWS; o0 += ROWS) {
                 const int rows = o_len - o0 < ROWS ? (int)(o_len - o0) : ROWS;
                 long c0 = 0;
-                for (; c0 + 32 <= np; c0 += 32)
-                    block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows, 2,
+                for (; c0 + VW * LIN_NV <= np; c0 += VW * LIN_NV)
+                    block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows, LIN_NV,
                           sk + o0 * np + c0, qk ? qk + o0 * np + c0 : NULL, np, &nacc,
                           i == i0);
                 if (c0 < np)
-                    block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows, 1,
-                          sk + o0 * np + c0, qk ? qk + o0 * np + c0 : NULL, np, &nacc,
-                          i == i0);
+                    block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows,
+                          (int)((np - c0) / VW), sk + o0 * np + c0,
+                          qk ? qk + o0 * np + c0 : NULL, np, &nacc, i == i0);
             }
-            float total = 0.f;
-            for (int r = 0; r < 16; r++) total += nacc[r];
-            nk[i] = total;
+            nk[i] = hsum(nacc);
         }
         if (split && u1 <= u0)
             for (long i = 0; i < b; i++) nk[i] = 0.f;
@@ -161,12 +214,12 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
  * input element x_i[t, n] (n = (c, u, v)) is broadcast from the input itself: a sample's input
  * is small enough to stay in cache, so only the output gradient is repacked, to dt (t, o) with
  * o contiguous (T·O values per sample against the T·C·kh·kw of an im2col copy). A block holds
- * OV vectors of 16 channels by NR columns n in registers over all positions t. */
+ * OV vectors of VW channels by NR columns n in registers over all positions t. */
 #define CONV_BLOCK(NAME, OV, NR)                                                                 \
     static void NAME(const float *dt, long opad, long ho, long wo, const float *ai, long step_h, \
-                     long step_w, const long *off, int nr, float *s, float *q, v16 *nacc,     \
+                     long step_w, const long *off, int nr, float *s, float *q, vf *nacc,      \
                      int first) {                                                                \
-        v16 acc[OV][NR];                                                                         \
+        vf acc[OV][NR];                                                                          \
         memset(acc, 0, sizeof(acc));                                                             \
         long o[NR];                                                                              \
         for (int j = 0; j < NR; j++) o[j] = off[j < nr ? j : nr - 1];                            \
@@ -175,8 +228,8 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
             const float *bh = ai + h * step_h;                                                   \
             for (long w = 0; w < wo; w++, drow += opad) {                                        \
                 const float *bt = bh + w * step_w;                                               \
-                v16 dv[OV];                                                                      \
-                for (int v = 0; v < OV; v++) dv[v] = LD(drow + 16 * v);                          \
+                vf dv[OV];                                                                       \
+                for (int v = 0; v < OV; v++) dv[v] = LD(drow + VW * v);                          \
                 for (int j = 0; j < NR; j++) {                                                   \
                     const float xs = bt[o[j]];                                                   \
                     for (int v = 0; v < OV; v++) acc[v][j] += dv[v] * xs;                        \
@@ -185,19 +238,21 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
         }                                                                                        \
         for (int j = 0; j < nr; j++)                                                             \
             for (int v = 0; v < OV; v++) {                                                       \
-                float *sp = s + j * opad + 16 * v;                                               \
-                const v16 sq = acc[v][j] * acc[v][j];                                            \
-                *(v16u *)sp = first ? acc[v][j] : LD(sp) + acc[v][j];                            \
+                float *sp = s + j * opad + VW * v;                                               \
+                const vf sq = acc[v][j] * acc[v][j];                                             \
+                ST(sp, first ? acc[v][j] : LD(sp) + acc[v][j]);                                  \
                 *nacc += sq;                                                                     \
                 if (q) {                                                                         \
-                    float *qp = q + j * opad + 16 * v;                                           \
-                    *(v16u *)qp = first ? sq : LD(qp) + sq;                                      \
+                    float *qp = q + j * opad + VW * v;                                           \
+                    ST(qp, first ? sq : LD(qp) + sq);                                            \
                 }                                                                                \
             }                                                                                    \
     }
-CONV_BLOCK(conv_block_2x8, 2, 8)
-CONV_BLOCK(conv_block_1x16, 1, 16)
+CONV_BLOCK(conv_block_main, CONV_OV, CONV_NR)
+CONV_BLOCK(conv_block_tail, 1, CONV_TAIL_NR)
 
+#if VW == 16
+typedef float v16 __attribute__((vector_size(64)));
 typedef int v16i __attribute__((vector_size(64)));
 
 /* v[r][c] <- v[c][r]: four rounds of two-vector shuffles, round s pairing rows r and r + s */
@@ -224,6 +279,7 @@ static inline void transpose16(v16 v[16]) {
         }
     }
 }
+#endif
 
 /* dt[t*opad + o] = d[o*d_so + t*d_st]: one sample's output gradient with the channels
  * contiguous. Positions contiguous (d_st == 1): 16×16 tiles transposed in registers; otherwise
@@ -234,6 +290,7 @@ static void repack_channels_last(const float *d, ptrdiff_t d_so, ptrdiff_t d_st,
     for (long o0 = 0; o0 < o_len; o0 += 16) {
         const long oe = o_len - o0 < 16 ? o_len - o0 : 16;
         long t0 = 0;
+#if VW == 16
         if (d_st == 1 && oe == 16)
             for (; t0 + 16 <= t_len; t0 += 16) {
                 v16 v[16];
@@ -241,8 +298,9 @@ static void repack_channels_last(const float *d, ptrdiff_t d_so, ptrdiff_t d_st,
                 for (int o = 0; o < 16; o++) v[o] = LD(d + (o0 + o) * d_so + t0);
                 transpose16(v);
 #pragma GCC unroll 16
-                for (int t = 0; t < 16; t++) *(v16u *)(dt + (t0 + t) * opad + o0) = v[t];
+                for (int t = 0; t < 16; t++) ST(dt + (t0 + t) * opad + o0, v[t]);
             }
+#endif
         for (long t = t0; t < t_len; t++) {
             float *row = dt + t * opad + o0;
             const float *src = d + o0 * d_so + t * d_st;
@@ -296,21 +354,21 @@ int adaptive_psg_conv(const float *d, ptrdiff_t d_sb, ptrdiff_t d_so, ptrdiff_t 
             const float *di = d + i * d_sb;
             repack_channels_last(di, d_so, d_st, o_len, t_len, dt, opad);
             const float *ai = a + i * geom[0];
-            v16 nacc = {0};
+            vf nacc = {0};
             long o0 = 0;
-            for (; o0 + 32 <= opad; o0 += 32)
-                for (long n0 = n_lo; n0 < n_hi; n0 += 8)
-                    conv_block_2x8(dt + o0, opad, ho, wo, ai, step_h, step_w, off + n0,
-                                   n_hi - n0 < 8 ? (int)(n_hi - n0) : 8, sk + n0 * opad + o0,
-                                   qk ? qk + n0 * opad + o0 : NULL, &nacc, i == i0);
-            if (o0 < opad)
-                for (long n0 = n_lo; n0 < n_hi; n0 += 16)
-                    conv_block_1x16(dt + o0, opad, ho, wo, ai, step_h, step_w, off + n0,
-                                    n_hi - n0 < 16 ? (int)(n_hi - n0) : 16, sk + n0 * opad + o0,
-                                    qk ? qk + n0 * opad + o0 : NULL, &nacc, i == i0);
-            float total = 0.f;
-            for (int r = 0; r < 16; r++) total += nacc[r];
-            nk[i] = total;
+            for (; o0 + VW * CONV_OV <= opad; o0 += VW * CONV_OV)
+                for (long n0 = n_lo; n0 < n_hi; n0 += CONV_NR)
+                    conv_block_main(dt + o0, opad, ho, wo, ai, step_h, step_w, off + n0,
+                                    n_hi - n0 < CONV_NR ? (int)(n_hi - n0) : CONV_NR,
+                                    sk + n0 * opad + o0, qk ? qk + n0 * opad + o0 : NULL, &nacc,
+                                    i == i0);
+            for (; o0 < opad; o0 += VW)
+                for (long n0 = n_lo; n0 < n_hi; n0 += CONV_TAIL_NR)
+                    conv_block_tail(dt + o0, opad, ho, wo, ai, step_h, step_w, off + n0,
+                                    n_hi - n0 < CONV_TAIL_NR ? (int)(n_hi - n0) : CONV_TAIL_NR,
+                                    sk + n0 * opad + o0, qk ? qk + n0 * opad + o0 : NULL, &nacc,
+                                    i == i0);
+            nk[i] = hsum(nacc);
         }
         if (split && n_hi <= n_lo)
             for (long i = 0; i < b; i++) nk[i] = 0.f;

@@ -1,10 +1,14 @@
 """Binding of the compiled CPU kernel ``_kernels.c``: per-sample weight-gradient norms and their
 batch sum in one pass, without storing the per-sample gradients.
 
-The kernel is built when the package is installed (``setup.py``, an optional extension: without a
-C compiler the install goes on and the sensor uses its torch code). It is a plain shared library,
-loaded with ctypes; it runs on torch's OpenMP threads (see ``_kernels.c``). Nothing is compiled
-at run time.
+The kernel is built when the package is installed (``setup.py``, optional extensions: without a
+C compiler the install goes on and the sensor uses its torch code), once per instruction set
+(``TARGETS``), each with its own register blocking. At run time the best build this CPU supports
+is loaded (``target()``); ``ADAPTIVE_NATIVE=0`` switches the kernel off and
+``ADAPTIVE_NATIVE=avx2`` (any name in ``TARGETS``) picks a build. The builds are plain shared
+libraries, loaded with ctypes; they run on torch's OpenMP threads (see ``_kernels.c``). Nothing is
+compiled at run time. Whether the kernel is used for a given layer is decided per shape by
+:mod:`adaptive.stats.planner`, which measures it against the torch paths.
 
 For sample ``i`` with output gradients ``δ_it`` (``O`` values) and input rows ``x_it`` (``N``
 values) at positions ``t``, the per-sample weight gradient is ``G_i = Σ_t δ_it x_itᵀ``; the kernel
@@ -13,16 +17,27 @@ returns ``Σ_i G_i`` (autograd's batch weight gradient) and ``‖G_i‖²`` for 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.machinery
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "conv2d_sums_and_norms", "linear_sums_and_norms"]
+__all__ = [
+    "TARGETS",
+    "available",
+    "conv2d_sums_and_norms",
+    "cpu_features",
+    "linear_sums_and_norms",
+    "supported",
+    "target",
+    "targets_built",
+    "using",
+]
 
 _P = ctypes.c_void_p
 _L = ctypes.c_long
@@ -34,26 +49,102 @@ _SIGNATURES = {
     "adaptive_psg_conv": [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _P, _I, _I, _P, _P],
 }
 _lib: ctypes.CDLL | None = None
+_lib_target: str | None = None
 _tried = False
 
-# Set ADAPTIVE_NATIVE=0 to use the torch code paths even where the kernel is built.
+# ADAPTIVE_NATIVE=0 uses the torch code paths even where the kernel is built; a target name
+# (ADAPTIVE_NATIVE=avx2) loads that build instead of the best one the CPU supports.
 _ENV = "ADAPTIVE_NATIVE"
+
+# Builds in order of preference, with the CPU flags (as /proc/cpuinfo names them) each needs;
+# "generic" is the architecture's baseline (SSE2 on x86-64, NEON on 64-bit Arm).
+TARGETS: dict[str, frozenset[str]] = {
+    "avx512": frozenset({"avx512f", "avx512vl", "avx512bw", "avx512dq", "avx2", "fma"}),
+    "avx2": frozenset({"avx2", "fma"}),
+    "generic": frozenset(),
+}
+# The register blocking each build reports (VW·10⁴ + LIN_ROWS·1000 + LIN_NV·100 + CONV_OV·10 +
+# CONV_NR,
+# see _kernels.c): a check that a build is what its name says.
+_BLOCKING = {"avx512": 168228, "avx2": 86226}
+
+# torch's own capability names, for systems without /proc/cpuinfo
+_TORCH_CAPABILITY = {
+    "AVX512": TARGETS["avx512"],
+    "AVX2": TARGETS["avx2"],
+}
+
+
+def cpu_features() -> frozenset[str]:
+    """The CPU's instruction-set flags (``/proc/cpuinfo``; else torch's CPU capability)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return _TORCH_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), frozenset())
+
+
+def supported(name: str) -> bool:
+    """Whether this CPU runs the build ``name`` (a key of ``TARGETS``)."""
+    if name not in TARGETS:
+        raise ValueError(f"unknown kernel target {name!r}; valid: {', '.join(TARGETS)}")
+    return TARGETS[name] <= cpu_features()
+
+
+def _path(name: str) -> Path | None:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_kernels_{name}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def targets_built() -> list[str]:
+    """The builds installed for this architecture, in order of preference."""
+    return [name for name in TARGETS if _path(name) is not None]
+
+
+def _open(name: str) -> ctypes.CDLL:
+    path = _path(name)
+    if path is None:
+        raise ValueError(
+            f"the kernel build {name!r} is not installed (built: {targets_built() or 'none'}); "
+            "reinstall with a C compiler that accepts its flags"
+        )
+    if not supported(name):
+        raise ValueError(
+            f"this CPU cannot run the kernel build {name!r} (it needs "
+            f"{', '.join(sorted(TARGETS[name]))}); valid here: "
+            f"{[t for t in targets_built() if supported(t)]}"
+        )
+    lib = ctypes.CDLL(str(path))
+    for fn, argtypes in _SIGNATURES.items():
+        getattr(lib, fn).restype = ctypes.c_int
+        getattr(lib, fn).argtypes = argtypes
+    lib.adaptive_psg_blocking.restype = ctypes.c_int
+    want = _BLOCKING.get(name)
+    if want is not None and lib.adaptive_psg_blocking() != want:
+        raise RuntimeError(f"kernel build {name!r} has the wrong register blocking: rebuild it")
+    return lib
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
+    global _lib, _lib_target, _tried
     if _tried:
         return _lib
     _tried = True
-    here = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"_kernels{suffix}"
-        if path.exists():
-            lib = ctypes.CDLL(str(path))
-            for name, argtypes in _SIGNATURES.items():
-                getattr(lib, name).restype = ctypes.c_int
-                getattr(lib, name).argtypes = argtypes
-            _lib = lib
+    wanted = os.environ.get(_ENV, "1")
+    if wanted in TARGETS:
+        _lib, _lib_target = _open(wanted), wanted
+        return _lib
+    for name in targets_built():
+        if supported(name):
+            _lib, _lib_target = _open(name), name
             break
     return _lib
 
@@ -61,6 +152,23 @@ def _load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the compiled kernel is installed and not switched off (``ADAPTIVE_NATIVE=0``)."""
     return os.environ.get(_ENV, "1") != "0" and _load() is not None
+
+
+def target() -> str | None:
+    """The build in use (``"avx512"``, ``"avx2"`` or ``"generic"``), None where none is."""
+    return _lib_target if available() else None
+
+
+@contextlib.contextmanager
+def using(name: str) -> Iterator[None]:
+    """Run the block with the build ``name`` (tests and benchmarks compare the builds)."""
+    global _lib, _lib_target, _tried
+    saved = (_lib, _lib_target, _tried)
+    _lib, _lib_target, _tried = _open(name), name, True
+    try:
+        yield
+    finally:
+        _lib, _lib_target, _tried = saved
 
 
 Workspace = Callable[..., Tensor]

@@ -1,0 +1,132 @@
+"""Every build of the compiled kernel (one per instruction set) against a float64 einsum
+reference, and the run-time choice among the builds."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaptive.stats import native
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+EXPECTED = list(native.TARGETS) if X86 else ["generic"]
+
+
+def workspace():
+    def out(shape, slot=0):
+        return torch.full(shape, float("nan"))  # stale contents would show as NaN
+
+    return out
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None, reason="no C compiler: the install skips the kernel"
+)
+def test_every_target_of_this_architecture_is_built():
+    assert native.targets_built() == EXPECTED
+
+
+def test_the_build_is_portable():
+    # a build for the installing machine only could not ship in a wheel: no flag names it
+    setup = (Path(__file__).parents[2] / "setup.py").read_text()
+    assert '"-march=native"' not in setup and "'-march=native'" not in setup
+    assert '"-mtune=native"' not in setup
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+@pytest.mark.parametrize("shared", [False, True], ids=["sums-per-thread", "shared-sums"])
+def test_target_linear_against_einsum(name, shared, threads, monkeypatch):
+    if name not in native.targets_built():
+        pytest.skip(f"build {name!r} is not installed (no compiler that accepts its flags)")
+    if not native.supported(name):
+        pytest.skip(f"this CPU lacks {sorted(native.TARGETS[name])} for build {name!r}")
+    if shared:
+        monkeypatch.setattr(native, "_PER_THREAD_SUMS_BYTES", 0)
+    g = torch.Generator().manual_seed(0)
+    # o_len and n off every blocking (rows 6 and 8; 4, 8 and 16 floats a vector)
+    for b, t, n, o in [(5, 7, 37, 13), (3, 1, 16, 8), (4, 9, 70, 50)]:
+        a = torch.randn(b, t, n, generator=g)
+        d = torch.randn(b, t, o, generator=g)
+        per = torch.einsum("bto,btn->bon", d.double(), a.double())
+        with native.using(name):
+            s, sq, q = native.linear_sums_and_norms(a, d, workspace(), coordinates=True)
+        assert rel(s, per.sum(0)) < 1e-5
+        assert rel(sq, per.square().sum((1, 2))) < 1e-5
+        assert rel(q, per.square().sum(0)) < 1e-5
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+@pytest.mark.parametrize("shared", [False, True], ids=["sums-per-thread", "shared-sums"])
+def test_target_conv_against_unfold(name, shared, threads, monkeypatch):
+    if name not in native.targets_built():
+        pytest.skip(f"build {name!r} is not installed (no compiler that accepts its flags)")
+    if not native.supported(name):
+        pytest.skip(f"this CPU lacks {sorted(native.TARGETS[name])} for build {name!r}")
+    if shared:
+        monkeypatch.setattr(native, "_PER_THREAD_SUMS_BYTES", 0)
+    g = torch.Generator().manual_seed(1)
+    # channels 20 and 40: a main block and a tail of channels on every blocking
+    for b, c, o, k, stride, dil, hw in [
+        (3, 3, 20, (3, 2), (2, 1), (1, 2), 9),
+        (2, 5, 40, (1, 1), (1, 1), (1, 1), 6),
+    ]:
+        x = torch.randn(b, c, hw, hw + 1, generator=g)
+        ho = (hw - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
+        wo = (hw + 1 - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
+        d = torch.randn(b, o, ho, wo, generator=g)
+        cols = F.unfold(x.double(), k, dilation=dil, stride=stride)  # (b, c·kh·kw, T)
+        per = torch.einsum("bot,bnt->bon", d.double().reshape(b, o, -1), cols)
+        with native.using(name):
+            s, sq, q = native.conv2d_sums_and_norms(x, d, k, dil, stride, workspace(), True)
+        assert rel(s, per.sum(0)) < 1e-5
+        assert rel(sq, per.square().sum((1, 2))) < 1e-5
+        assert rel(q, per.square().sum(0)) < 1e-5
+
+
+def _fresh_choice(monkeypatch, features: frozenset[str], env: str | None = None) -> str | None:
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_lib_target", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "cpu_features", lambda: features)
+    if env is None:
+        monkeypatch.delenv("ADAPTIVE_NATIVE", raising=False)
+    else:
+        monkeypatch.setenv("ADAPTIVE_NATIVE", env)
+    native._load()
+    return native.target()
+
+
+@pytest.mark.skipif(not X86 or native.targets_built() != EXPECTED, reason="x86-64 builds")
+def test_the_best_build_the_cpu_runs_is_loaded(monkeypatch):
+    avx512 = native.TARGETS["avx512"]
+    assert _fresh_choice(monkeypatch, avx512 | {"sse2"}) == "avx512"
+    assert _fresh_choice(monkeypatch, frozenset({"avx2", "fma", "sse2"})) == "avx2"
+    assert _fresh_choice(monkeypatch, frozenset({"avx2"})) == "generic"  # AVX2 without FMA
+    assert _fresh_choice(monkeypatch, frozenset({"sse2"})) == "generic"
+    # a named build is loaded where the CPU runs it, refused where it does not
+    assert _fresh_choice(monkeypatch, avx512, env="avx2") == "avx2"
+    with pytest.raises(ValueError, match="cannot run the kernel build 'avx512'"):
+        _fresh_choice(monkeypatch, frozenset({"avx2", "fma"}), env="avx512")
+    assert _fresh_choice(monkeypatch, avx512, env="0") is None
+
+
+def test_unknown_target_names_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: avx512, avx2, generic"):
+        native.supported("sve9")
