@@ -186,3 +186,168 @@ def test_worker_prefetch_cannot_apply_a_stale_size():
     del it
     perm = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist()
     assert seen == perm[: len(seen)]
+
+
+# ---------------------------------------------------------------- wrapping a user sampler
+from torch.utils.data import (  # noqa: E402
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
+
+
+def _weighted(gen=None):
+    # only the even indices carry weight: a sampler drawing "class 0" of a 2-class set
+    weights = torch.tensor([1.0 if i % 2 == 0 else 0.0 for i in range(60)])
+    return WeightedRandomSampler(weights, num_samples=60, replacement=True, generator=gen)
+
+
+def test_wrapped_sampler_draws_are_kept_and_only_batching_changes():
+    s = AdaptiveBatchSampler(_weighted(), batch_size=4, seed=7)
+    assert len(s) == 15
+    s.set_batch_size(8, from_batch=2)
+    assert len(s) == 2 + 7  # 8 samples at size 4, then 52 at size 8 (the last one 4)
+    batches = _drain(s)
+    assert [len(b) for b in batches] == [4, 4] + [8] * 6 + [4]
+    flat = [i for b in batches for i in b]
+    assert all(i % 2 == 0 for i in flat)  # the weights are honoured: no odd index ever
+    # exactly the sampler's own sequence for epoch 0, drawn under torch.manual_seed(seed + 0)
+    torch.manual_seed(7)
+    assert flat == list(_weighted())
+    # subset: a train split never leaks the held-out indices
+    subset = SubsetRandomSampler(list(range(10, 30)))
+    t = AdaptiveBatchSampler(subset, batch_size=6, seed=1)
+    got = [i for b in _drain(t) for i in b]
+    assert sorted(got) == list(range(10, 30))
+
+
+def test_wrapped_sampler_leaves_the_global_rng_alone_and_redraws_per_epoch():
+    s = AdaptiveBatchSampler(RandomSampler(range(40)), batch_size=8, seed=3)
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    e0 = [i for b in _drain(s) for i in b]
+    assert torch.equal(torch.rand(3), before)
+    e1 = [i for b in _drain(s) for i in b]
+    assert sorted(e0) == sorted(e1) == list(range(40)) and e0 != e1
+    torch.manual_seed(3 + 1)
+    assert e1 == list(RandomSampler(range(40)))
+
+
+def _reload(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("own_generator", [False, True])
+def test_wrapped_sampler_resumes_exactly_mid_epoch_and_across_epochs(own_generator):
+    def make():
+        gen = torch.Generator().manual_seed(11) if own_generator else None
+        return AdaptiveBatchSampler(_weighted(gen), batch_size=4, seed=2)
+
+    schedule = {2: (8, 1)}  # decided after batch 2: size 8 from batch 3
+    full = make()
+    ref = _run(full, schedule) + _drain(full) + _drain(full)  # three epochs
+    assert len(ref) == 9 + 8 + 8
+
+    # mid-epoch 0, with the loader one batch ahead of the consumer
+    first = make()
+    part = _run(first, schedule, stop=4)
+    resumed = make()
+    resumed.load_state_dict(_reload(first.state_dict(consumed_batches=3)))
+    resumed.set_epoch(0)
+    assert part[:3] + _drain(resumed) + _drain(resumed) + _drain(resumed) == ref
+
+    # at the end of epoch 0 (resumes at epoch 1) and in the middle of epoch 1
+    for consumed_in_epoch_1 in (0, 5):
+        first = make()
+        part = _run(first, schedule)
+        it = iter(first)
+        part += [next(it) for _ in range(consumed_in_epoch_1)]
+        if consumed_in_epoch_1:
+            next(it)  # prefetched, not consumed
+            state = first.state_dict(consumed_batches=consumed_in_epoch_1)
+        else:
+            state = first.state_dict(consumed_batches=9)  # taken after epoch 0's last batch
+            part = part[:9]
+        resumed = make()
+        resumed.load_state_dict(_reload(state))
+        resumed.set_epoch(1)
+        assert part + _drain(resumed) + _drain(resumed) == ref
+
+
+def test_wrapped_distributed_sampler_is_sharded_per_rank():
+    data = list(range(30))
+    ranks = [
+        AdaptiveBatchSampler(
+            DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=4),
+            batch_size=4,
+            num_replicas=2,
+            rank=r,
+        )
+        for r in range(2)
+    ]
+    for s in ranks:
+        s.set_batch_size(8, from_batch=1)
+    per_rank = [_drain(s) for s in ranks]
+    # each rank batches its own DistributedSampler sequence: 2, then 4 per step (15 = 2+4+4+4+1)
+    for r, batches in enumerate(per_rank):
+        ds = DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=4)
+        assert [i for b in batches for i in b] == list(ds)
+        assert [len(b) for b in batches] == [2, 4, 4, 4, 1]
+    assert len(ranks[0]) == len(ranks[1]) == 5
+    with pytest.raises(ValueError, match="rank=1"):
+        AdaptiveBatchSampler(
+            DistributedSampler(data, num_replicas=2, rank=1), batch_size=4, num_replicas=2, rank=0
+        )
+
+
+class _PythonRandomSampler(Sampler[int]):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        import random
+
+        return iter(random.sample(range(self.n), self.n))
+
+
+class _Endless(Sampler[int]):
+    def __iter__(self):
+        while True:
+            yield 0
+
+
+def test_unreplayable_or_endless_samplers_and_shuffle_are_refused():
+    s = AdaptiveBatchSampler(_PythonRandomSampler(50), batch_size=5)
+    with pytest.raises(ValueError, match="_PythonRandomSampler gives different indices"):
+        s.check_reproducible()
+    AdaptiveBatchSampler(_weighted(torch.Generator().manual_seed(0)), 4).check_reproducible()
+    with pytest.raises(ValueError, match="finite sampler with __len__"):
+        AdaptiveBatchSampler(_Endless(), batch_size=4)
+    with pytest.raises(ValueError, match="shuffle=True cannot be combined"):
+        AdaptiveBatchSampler(_weighted(), batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="wrapped sampler 'WeightedRandomSampler'"):
+        AdaptiveBatchSampler(60, batch_size=4).load_state_dict(
+            AdaptiveBatchSampler(_weighted(), batch_size=4).state_dict()
+        )
+
+
+def test_len_is_the_planned_batches_and_shrinks_when_the_batch_grows():
+    s = AdaptiveBatchSampler(100, batch_size=10, seed=0)
+    loader = DataLoader(_Indices(), batch_sampler=s)
+    assert len(loader) == 10
+    it = iter(loader)
+    next(it), next(it)
+    s.set_batch_size(30, from_batch=3)
+    # 3 batches of 10, then 30, 30 and a last one of 10
+    assert len(loader) == s.num_batches() == 6
+    assert len(list(it)) == 4
+    assert s.position(3) == 30 and s.position(5) == 90
