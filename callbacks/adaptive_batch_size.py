@@ -10,19 +10,52 @@ micro-batch stays fixed and ``trainer.accumulate_grad_batches`` grows instead.
 Installation: at ``setup("fit")`` the callback wraps the ``train_dataloader`` hook of the
 datamodule or LightningModule (or replaces a DataLoader passed to ``fit``) so that the loader it
 returns is rebuilt with an :class:`AdaptiveBatchSampler` (same dataset, collate function, workers;
-the loader's ``batch_size`` is the initial per-rank micro-batch, its shuffling is kept). A loader
-that already uses an ``AdaptiveBatchSampler`` is used as it is. Where this cannot work, ``setup``
-raises ``ValueError`` saying why: iterable datasets (no indices to batch), loaders with their own
-``batch_sampler``, ``Trainer(accumulate_grad_batches != 1)`` (the callback owns accumulation),
-manual optimization, and DDP with Lightning's distributed-sampler injection on (pass
-``Trainer(use_distributed_sampler=False)``: the sampler shards every global batch itself).
+the loader's ``batch_size`` is the initial per-rank micro-batch). The loader's index sampler is
+kept: ``shuffle=True`` / ``False`` become the sampler's own seeded permutation / sequential order,
+and any other sampler (``WeightedRandomSampler``, ``SubsetRandomSampler``, a
+``DistributedSampler``, your own) is wrapped: the batches draw from it, only their size changes
+(see :class:`AdaptiveBatchSampler` for what resuming means for it). A loader that already uses an
+``AdaptiveBatchSampler`` is used as it is. Where this cannot work, ``setup`` raises ``ValueError``
+saying why: iterable datasets (no indices to batch), loaders with their own ``batch_sampler`` or
+``batch_size=None``, several train loaders, a sampler that cannot be replayed for resumption,
+``Trainer(accumulate_grad_batches != 1)`` (the callback owns accumulation), manual optimization,
+DDP with Lightning's distributed-sampler injection on (pass ``Trainer(use_distributed_sampler=False)``:
+the sampler shards every global batch itself), and a model the statistics sensor cannot measure
+(checked at ``setup``, not at the first batch).
+
+With :class:`callbacks.OnlineBatchSelection` (growth + selection). The test measures the kept
+samples, which are what is trained on, so sizes are *kept* sizes: ``batch_size``,
+``max_batch_size``, ``max_micro_batch_size``, the lr scaling and the logs all count kept samples.
+The candidate pool grows with them at the loader's keep fraction ``k / batch_size`` (reduced to
+``p / q``): a kept batch ``b`` is drawn from ``b · q / p`` candidates, and the selection callback
+keeps the same fraction of every candidate batch (its selector's ``k`` follows). Kept sizes are
+therefore multiples of ``p`` (and of the ranks).
+
+Length. The sampler has a length, the planned number of batches of the epoch under the sizes
+scheduled so far, and after every decision the callback updates Lightning's view of it
+(``trainer.num_training_batches``, the fetcher's end-of-epoch check, a float
+``val_check_interval``, the progress bar's total), so the bar has a total and an ETA and the
+epoch's last batch is known. ``trainer.estimated_stepping_batches`` is the optimizer steps of the
+run at the initial batch, i.e. the sample budget in units of the initial batch. A torch
+scheduler that Lightning steps every optimizer step (OneCycleLR, cosine, LambdaLR: ``interval=
+"step"``) is kept on that clock: after each optimizer step the callback steps it again for every
+further initial batch's worth of candidates the step consumed (``⌊consumed / b₀⌋`` during an
+epoch, the epoch's full count at its end), so it reaches its last step at the end of the budget
+however the batch grew, and ``total_steps=trainer.estimated_stepping_batches`` is right. With
+``Trainer(max_steps=...)`` the budget is in optimizer steps, whose number a growing batch changes:
+such a scheduler is refused; use :class:`callbacks.SampleClock` with a schedule clocked in samples
+or tokens (:class:`~adaptive.schedules.WSDScheduler`, :class:`~adaptive.schedules.PowerScheduler`,
+:class:`~adaptive.schedules.LinearDecayScheduler`).
 
 Timing. A new size is scheduled at an absolute batch index beyond the DataLoader's prefetch
 window (``num_workers × prefetch_factor`` plus Lightning's one-batch fetcher), aligned so that
 an accumulation window never straddles the change; the accumulation count and any lr rescaling
 switch at that same batch. Sizes therefore never depend on worker timing, and a checkpoint
-resumes exactly. The sample clock of sample-clocked schedules (``callbacks.SampleClock``) counts
-each batch from its own tensors, so it stays right whatever the size.
+resumes exactly, with the same number of workers: resuming with another ``num_workers`` changes
+the prefetch window and so the batch at which later decisions land (the decisions stay right,
+the trajectory differs). Pass ``lookahead=`` to make the window independent of the workers. The
+sample clock of sample-clocked schedules (``callbacks.SampleClock``) counts each batch from its
+own tensors, so it stays right whatever the size.
 
 Logged every decision (``pl_module.log``): ``adaptive_batch/batch_size`` (global batch in force),
 ``adaptive_batch/proposed`` (``b̂``), ``adaptive_batch/test_ratio`` (``b̂ / b``; the test passes
@@ -38,7 +71,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 
 from adaptive.batching import (
     AdaptiveBatchSampler,
@@ -52,7 +86,8 @@ from adaptive.batching import (
 )
 from adaptive.mixture import MixtureSampler
 from adaptive.schedules import SampleClockedScheduler, adascale_gain, lr_scale_factor
-from adaptive.stats import GradientStatistics
+from adaptive.stats import FALLBACKS, GradientStatistics
+from callbacks._checks import check_model_supported, check_seed, single_train_loader_source
 
 __all__ = ["AdaptiveBatchSize"]
 
@@ -93,6 +128,9 @@ class AdaptiveBatchSize(pl.Callback):
         stats_fallback: passed to ``GradientStatistics(fallback=...)`` for models with layers
             the per-sample hooks do not support.
         multiple_of: global batch sizes are multiples of ``multiple_of × world_size``.
+
+    With :class:`callbacks.OnlineBatchSelection` in the same Trainer every size above counts the
+    kept (trained-on) samples; see the module docstring.
     """
 
     def __init__(
@@ -124,6 +162,10 @@ class AdaptiveBatchSize(pl.Callback):
             isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0
         ):
             raise ValueError(f"lookahead must be an int >= 0 or None, got {lookahead!r}")
+        if stats_fallback is not None and stats_fallback not in FALLBACKS:
+            raise ValueError(
+                f"stats_fallback must be None or one of {list(FALLBACKS)}, got {stats_fallback!r}"
+            )
         self.test = test
         self.eta = float(eta)
         self.nu = float(nu)
@@ -134,7 +176,16 @@ class AdaptiveBatchSize(pl.Callback):
         )
         self.lr_scaling = lr_scaling
         self.multiple_of = _positive_int("multiple_of", multiple_of)
-        self.seed = int(seed)
+        if (
+            self.max_micro_batch_size is not None
+            and self.max_micro_batch_size > self.max_batch_size
+        ):
+            raise ValueError(
+                f"max_micro_batch_size={self.max_micro_batch_size} exceeds max_batch_size="
+                f"{self.max_batch_size}: a micro-batch is part of one global batch; pass "
+                f"max_micro_batch_size <= {self.max_batch_size} (or None)"
+            )
+        self.seed = check_seed("AdaptiveBatchSize", seed)
         self.loss_reduction = loss_reduction
         self.lookahead = lookahead
         self.stats_fallback = stats_fallback
@@ -155,6 +206,13 @@ class AdaptiveBatchSize(pl.Callback):
         self._loaded: dict[str, Any] | None = None
         self._window = 1
         self._batch_idx = 0
+        self._keep = (1, 1)  # kept p per q candidates (OnlineBatchSelection), reduced
+        self._selection: Any = None
+        self._base_candidates = 0  # sampler (global) batch at the start: the schedulers' unit
+        self._units_done = 0  # initial batches' worth of completed epochs (step schedulers)
+        self._units = 0  # that count at the last optimizer step
+        self._last_global_step = 0
+        self._step_schedulers: list[Any] = []
 
     # ---------------------------------------------------------------- public read-outs
     @property
@@ -202,14 +260,22 @@ class AdaptiveBatchSize(pl.Callback):
             inner_products=self.test in ("inner_product", "orthogonality", "augmented"),
             fallback=self.stats_fallback,
         )
+        check_model_supported("AdaptiveBatchSize", self._stats)
+        from callbacks.online_batch_selection import OnlineBatchSelection
+
+        selections = [c for c in trainer.callbacks if isinstance(c, OnlineBatchSelection)]
+        self._selection = selections[0] if selections else None
         source = trainer.fit_loop._data_source  # where Lightning will request the loader
         instance = source.instance
+        single_train_loader_source("AdaptiveBatchSize", instance)
         if isinstance(instance, DataLoader):
             source.instance = self._install(trainer, instance)
             return
-        if instance is None:
+        if instance is None or not callable(getattr(instance, "train_dataloader", None)):
             raise ValueError(
-                "AdaptiveBatchSize found no train dataloader to install its sampler in"
+                "AdaptiveBatchSize found no train dataloader to install its sampler in: pass "
+                "one to fit(train_dataloaders=...) or define train_dataloader() on the "
+                f"LightningModule or datamodule (got {type(instance).__name__})"
             )
         original: Callable[[], Any] = instance.train_dataloader
 
@@ -249,22 +315,50 @@ class AdaptiveBatchSize(pl.Callback):
                     "DynamicMixture): adaptive batch growth and dynamic mixtures cannot share "
                     "one train loader; use one of the two callbacks"
                 )
+            if loader.batch_sampler is None:
+                raise ValueError(
+                    "AdaptiveBatchSize needs a DataLoader that makes batches: this one has "
+                    "batch_size=None (automatic batching off, the dataset returns whole batches); "
+                    "build it with batch_size=<initial per-device batch>"
+                )
             if loader.batch_size is None:
                 raise ValueError(
                     "AdaptiveBatchSize cannot take over a DataLoader built with its own "
-                    "batch_sampler; build it with batch_size=... or with an AdaptiveBatchSampler"
+                    f"batch_sampler ({type(loader.batch_sampler).__name__}); build it with "
+                    "batch_size=... and sampler=<your index sampler> (which is kept), or with an "
+                    "AdaptiveBatchSampler"
                 )
-            shuffle = isinstance(loader.sampler, RandomSampler)
             global_micro = loader.batch_size * self._world
-            sampler = AdaptiveBatchSampler(
-                len(loader.dataset),  # type: ignore[arg-type]
-                batch_size=global_micro,
-                shuffle=shuffle,
-                seed=self.seed,
-                drop_last=loader.drop_last,
-                num_replicas=self._world,
-                rank=trainer.global_rank,
+            index_sampler = loader.sampler
+            plain_shuffle = (
+                type(index_sampler) is RandomSampler
+                and not index_sampler.replacement
+                and index_sampler.generator is None
+                and index_sampler.num_samples == len(loader.dataset)  # type: ignore[arg-type]
             )
+            common = {
+                "batch_size": global_micro,
+                "seed": self.seed,
+                "drop_last": loader.drop_last,
+                "num_replicas": self._world,
+                "rank": trainer.global_rank,
+            }
+            if plain_shuffle or type(index_sampler) is SequentialSampler:
+                # DataLoader(shuffle=True/False): the sampler's own seeded permutation / order
+                sampler = AdaptiveBatchSampler(
+                    len(loader.dataset),  # type: ignore[arg-type]
+                    shuffle=plain_shuffle,
+                    **common,
+                )
+            else:  # the user's sampler is kept: batches draw from it
+                try:
+                    sampler = AdaptiveBatchSampler(index_sampler, **common)
+                    sampler.check_reproducible()
+                except ValueError as err:
+                    raise ValueError(
+                        f"AdaptiveBatchSize cannot wrap the loader's sampler "
+                        f"{type(index_sampler).__name__}: {err}"
+                    ) from None
             kwargs: dict[str, Any] = {
                 "num_workers": loader.num_workers,
                 "collate_fn": loader.collate_fn,
@@ -280,11 +374,14 @@ class AdaptiveBatchSize(pl.Callback):
         self.sampler = sampler
         window = AdaptiveBatchSampler.prefetch_window(new.num_workers, new.prefetch_factor, extra=1)
         self._window = window if self.lookahead is None else max(self.lookahead, 1)
+        self._keep = self._keep_fraction(sampler)
         if self._loaded is not None:
             self._restore(self._loaded)
             self._loaded = None
         else:
-            micro_global = sampler.batch_size
+            p, q = self._keep
+            self._base_candidates = sampler.batch_size
+            micro_global = sampler.batch_size * p // q  # kept samples per micro-batch
             self._target = self._base_size = micro_global * self._accumulation
             if self._target > self.max_batch_size:
                 raise ValueError(
@@ -299,6 +396,115 @@ class AdaptiveBatchSize(pl.Callback):
                     f"max_micro_batch_size={self.max_micro_batch_size}"
                 )
         return new
+
+    def _keep_fraction(self, sampler: AdaptiveBatchSampler) -> tuple[int, int]:
+        """(p, q): kept samples per candidates under OnlineBatchSelection, else (1, 1)."""
+        if self._selection is None:
+            return (1, 1)
+        candidates = sampler.batch_size // self._world
+        kept = min(int(self._selection.selector.k), candidates)
+        g = math.gcd(kept, candidates)
+        p, q = kept // g, candidates // g
+        cap = self.max_micro_batch_size
+        if cap is not None and cap % p:
+            raise ValueError(
+                f"with OnlineBatchSelection keeping {kept} of {candidates} candidates, kept "
+                f"micro-batches are multiples of {p}: max_micro_batch_size={cap} is not; use a "
+                f"multiple of {p}"
+            )
+        # selection keeps p/q of every candidate batch, so the kept batch grows with the pool
+        self._selection.keep_fraction(p, q)
+        return (p, q)
+
+    # ---------------------------------------------------------------- length and schedulers
+    def _sync_length(self, trainer: pl.Trainer) -> None:
+        """Tell Lightning the epoch's planned number of batches (it shrinks as the batch grows)."""
+        if self.sampler is None:
+            return
+        n = self.sampler.num_batches()
+        loop = trainer.fit_loop
+        if loop.max_batches == n:
+            return
+        loop.max_batches = n  # trainer.num_training_batches: the epoch's last batch, the bar
+        fetcher = getattr(loop, "_data_fetcher", None)
+        if fetcher is not None and getattr(fetcher, "length", None) is not None:
+            fetcher.length = n
+            fetcher.done = fetcher.fetched >= n
+        interval = trainer.val_check_interval
+        if isinstance(interval, float) and trainer.val_check_batch not in (None, float("inf")):
+            trainer.val_check_batch = max(1, int(n * interval))
+        bar = trainer.progress_bar_callback
+        tqdm_bar = getattr(bar, "_train_progress_bar", None)
+        if tqdm_bar is not None and hasattr(tqdm_bar, "total"):
+            tqdm_bar.total = n
+            tqdm_bar.refresh()
+        progress = getattr(bar, "progress", None)
+        task = getattr(bar, "train_progress_bar_id", None)
+        if progress is not None and task is not None:
+            progress.update(task, total=n)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step_schedulers = []
+        for config in trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if config.interval != "step" or isinstance(
+                sched, (SampleClockedScheduler, ReduceLROnPlateau)
+            ):
+                continue
+            name = type(sched).__name__
+            if config.frequency != 1:
+                raise ValueError(
+                    f"AdaptiveBatchSize keeps step-interval schedulers on a clock of samples; "
+                    f"{name} is configured with frequency={config.frequency}: return it with "
+                    '{"interval": "step", "frequency": 1}'
+                )
+            if trainer.max_steps != -1:
+                raise ValueError(
+                    f"Trainer(max_steps={trainer.max_steps}) with {name} stepped every optimizer "
+                    "step under AdaptiveBatchSize: the budget is in optimizer steps, whose number "
+                    "depends on how the batch grows, so the schedule cannot be placed. Budget in "
+                    "epochs (max_epochs; total_steps=trainer.estimated_stepping_batches), or use "
+                    "callbacks.SampleClock with a schedule clocked in samples or tokens "
+                    "(adaptive.schedules.WSDScheduler, PowerScheduler, LinearDecayScheduler)"
+                )
+            self._step_schedulers.append(sched)
+
+    def _units_per_epoch(self) -> int:
+        """Initial batches in one epoch: Lightning's batch count before any growth."""
+        assert self.sampler is not None
+        n = self.sampler.num_samples
+        unit = (
+            self._base_candidates // self._world if self.sampler.sharded else self._base_candidates
+        )
+        return n // unit if self.sampler.drop_last else -(-n // unit)
+
+    def _align_schedulers(self, trainer: pl.Trainer, batch_idx: int) -> None:
+        """After an optimizer step: step-interval schedulers advance by initial batches consumed."""
+        if trainer.global_step == self._last_global_step:
+            return  # accumulating: no optimizer step (and no scheduler step) in this batch
+        self._last_global_step = trainer.global_step
+        if not self._step_schedulers or self.sampler is None:
+            return
+        if batch_idx + 1 >= self.sampler.num_batches():
+            units = self._units_done + self._units_per_epoch()
+        else:
+            unit = self._base_candidates
+            if self.sampler.sharded:
+                unit //= self._world
+            units = self._units_done + self.sampler.position(batch_idx + 1) // unit
+        extra = units - self._units - 1  # Lightning has stepped once already
+        self._units = units
+        for sched in self._step_schedulers:
+            for _ in range(max(extra, 0)):
+                sched.step()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_length(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.sampler is not None and self._base_candidates:
+            self._units_done += self._units_per_epoch()
+            self._units = self._units_done
 
     # ---------------------------------------------------------------- per batch
     def on_train_batch_start(
@@ -386,6 +592,7 @@ class AdaptiveBatchSize(pl.Callback):
         size = _leading_dim(batch)
         if size is not None:
             self._samples_seen += size * self._world
+        self._align_schedulers(trainer, batch_idx)
 
     # ---------------------------------------------------------------- decisions
     def _propose(self, stats: Any, optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -417,8 +624,10 @@ class AdaptiveBatchSize(pl.Callback):
         assert self.sampler is not None
         current = self._target
         micro_cap = self.max_micro_batch_size
-        # granularity: ranks, and once the micro-batch is capped, ranks × micro-batch
-        unit = self._world * self.multiple_of
+        p, q = self._keep
+        # granularity: ranks (× p kept per q candidates), and once the micro-batch is capped,
+        # ranks × micro-batch
+        unit = self._world * math.lcm(self.multiple_of, p)
         if micro_cap is not None and current // self._world >= micro_cap:
             unit = self._world * micro_cap
         new = next_batch_size(current, b_hat, self.max_batch_size, unit)
@@ -436,7 +645,9 @@ class AdaptiveBatchSize(pl.Callback):
         # the current batch is consumed; the loader has handed out at most `window` more
         earliest = self._batch_idx + 1 + self._window
         from_batch = -(-earliest // step) * step
-        self.sampler.set_batch_size(plan.micro_batch_size * self._world, from_batch=from_batch)
+        candidates = plan.micro_batch_size * q // p  # kept micro-batch drawn from this many
+        self.sampler.set_batch_size(candidates * self._world, from_batch=from_batch)
+        self._sync_length(trainer)
         if self.lr_scaling in ("linear", "sqrt"):
             factor = lr_scale_factor(realised, self._base_size, self.lr_scaling)
         elif self.lr_scaling == "adascale":
@@ -498,6 +709,10 @@ class AdaptiveBatchSize(pl.Callback):
             "consumed": self._consumed,
             "samples_seen": self._samples_seen,
             "history": [dict(h) for h in self.history],
+            "keep": list(self._keep),
+            "base_candidates": self._base_candidates,
+            "units_done": self._units_done,
+            "units": self._units,
         }
         if self.sampler is not None:
             state["sampler"] = self.sampler.state_dict(consumed_batches=self._consumed)
@@ -519,6 +734,15 @@ class AdaptiveBatchSize(pl.Callback):
         self._consumed = int(state["consumed"])
         self._samples_seen = int(state["samples_seen"])
         self.history = [dict(h) for h in state["history"]]
+        keep = tuple(int(v) for v in state.get("keep", (1, 1)))
+        if keep != self._keep:
+            raise ValueError(
+                f"the checkpoint was trained keeping {keep[0]} of {keep[1]} candidates "
+                f"(OnlineBatchSelection) but this run keeps {self._keep[0]} of {self._keep[1]}"
+            )
+        self._base_candidates = int(state.get("base_candidates", self._base_size))
+        self._units_done = int(state.get("units_done", 0))
+        self._units = int(state.get("units", 0))
         if self.sampler is not None and "sampler" in state:
             self.sampler.load_state_dict(state["sampler"])
 
@@ -529,6 +753,8 @@ class AdaptiveBatchSize(pl.Callback):
                 "requested through the hooks it wraps"
             )
         trainer.accumulate_grad_batches = self._accumulation
+        self._last_global_step = trainer.global_step
+        self._sync_length(trainer)
 
 
 def _leading_dim(batch: Any) -> int | None:

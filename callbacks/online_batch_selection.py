@@ -181,6 +181,15 @@ class OnlineBatchSelection(pl.Callback):
             )
         if holdout_model is not None and not isinstance(selector, RhoLossSelector):
             raise ValueError("holdout_model is only used with RhoLossSelector")
+        for name, fn, shape in (
+            ("forward_fn", forward_fn, "(module, batch) -> logits"),
+            ("loss_fn", loss_fn, "(logits, batch) -> (b,) per-sample losses"),
+            ("mask_fn", mask_fn, "batch -> (b, T) mask or None"),
+        ):
+            if fn is not None and not callable(fn):
+                raise TypeError(
+                    f"OnlineBatchSelection({name}={fn!r}): {name} must be a callable {shape}"
+                )
         self.selector = selector
         self.forward_fn = forward_fn or default_forward
         self.loss_fn = loss_fn or default_loss
@@ -191,6 +200,15 @@ class OnlineBatchSelection(pl.Callback):
         self.samples_trained = 0
         self.last_indices: Tensor | None = None
         self._strategy: Any = None
+        self._fraction: tuple[int, int] | None = None
+
+    def keep_fraction(self, kept: int, candidates: int) -> None:
+        """Keep ``⌊n · kept / candidates⌋`` (at least 1) of each batch of ``n`` candidates
+        instead of the selector's fixed ``k``: set by ``callbacks.AdaptiveBatchSize`` so that the
+        kept batch grows with the candidate pool. The selector's ``k`` follows each batch."""
+        if kept < 1 or candidates < kept:
+            raise ValueError(f"keep_fraction({kept}, {candidates}) must keep 1..all candidates")
+        self._fraction = (kept, candidates)
 
     # -- wiring ----------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -257,6 +275,9 @@ class OnlineBatchSelection(pl.Callback):
                 f"found no tensor in the training batch (type {type(batch).__name__}) to select "
                 "samples from; batches may be tensors, tuples/lists or mappings of tensors"
             )
+        if self._fraction is not None:  # growing batches: keep the same fraction of every pool
+            kept, candidates = self._fraction
+            self.selector.k = max(1, n * kept // candidates)
         index = self._indices(trainer, module, batch, n)
         self.last_indices = index
         world = trainer.world_size
