@@ -1,0 +1,217 @@
+"""Where the sensor's exactness needs more than one layer call at a time: parameters with several
+uses in one forward, modules without a rule, and several sensors on one model.
+
+- **Several uses.** Sample ``i``'s gradient of a parameter used ``k`` times (tied input and output
+  embeddings, a layer applied twice, weights shared between layers) is the sum over the uses,
+  ``g_i = Σ_u g_iu``, and ``‖g_i‖² = Σ_u ‖g_iu‖² + Σ_{u≠v} ⟨g_iu, g_iv⟩``: the cross terms need
+  the per-sample gradients of every use. The forward hooks count each parameter's uses; in
+  backward, the calls of a parameter used more than once write their per-sample gradients into
+  one ``(b, *param.shape)`` buffer, which the parameter's own gradient hook (it fires once, after
+  every use has contributed) turns into the statistics.
+- **No rule.** A module whose computation no rule knows gets its parameters' per-sample
+  gradients from :mod:`adaptive.stats.last_resort` (exact, at about one more forward and
+  backward of that module). Parameters of child modules that its forward uses without calling
+  the child (``nn.MultiheadAttention`` passes ``out_proj.weight`` to a functional call) are
+  differentiated with it.
+- **Every gradient accounted for.** Each parameter's gradient hook checks that some hooked call
+  used the parameter in this capture; a gradient that arrives otherwise (the parameter used
+  outside any module's forward) is refused by name instead of being left out of the norms.
+- **Several sensors.** A sensor that finds a layer's parameters switched off by another sensor's
+  fused path (the other one hands autograd that layer's gradient) hooks the layer like an
+  unfused one, after the other has switched them back on; either sees exact numbers, whatever the
+  order in which they were attached.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from adaptive.stats.last_resort import ModuleCall, per_sample_grads, replaying, tap_outputs
+from adaptive.stats.layers import UnsupportedModuleError
+from adaptive.stats.registry import per_sample_params
+
+if TYPE_CHECKING:
+    from adaptive.stats.statistics import _MicroBatch, _Site
+
+# ids of parameters whose requires_grad a sensor's fused path has switched off right now
+TOGGLED: set[int] = set()
+
+
+def _rest(g: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, g.dim()))
+
+
+class UseTracking:
+    """Mixed into :class:`~adaptive.stats.statistics.GradientStatistics` (see the module docstring)."""
+
+    # ------------------------------------------------------------------ set-up
+    def _plan_replays(self) -> None:
+        """For each module without a rule: the parameters its replay differentiates (its own,
+        plus those of descendant layers, adopted when such a layer does not run during its
+        call), by name relative to it; and one warning naming them all, with the cost."""
+        self._replays: dict[str, list[tuple[str, _Site]]] = {}
+        names = {s.module: s for s in self._sites}
+        listed: dict[str, list[str]] = defaultdict(list)
+        for site in self._sites:
+            if site.rule is not None:
+                continue
+            below = []
+            for rel, m in site.module.named_modules():
+                if rel and m in names:
+                    below.append((rel, names[m]))
+            self._replays[site.name] = below
+            listed[type(site.module).__name__].append(site.name)
+        if listed:
+            what = "; ".join(
+                f"{t} ×{len(v)} ({', '.join(v[:3])}{', …' if len(v) > 3 else ''})"
+                for t, v in listed.items()
+            )
+            warnings.warn(
+                f"GradientStatistics: no per-sample rule for {what}: their parameters get exact "
+                "per-sample gradients by torch.func (vmap of the module's forward over the "
+                "batch), about one more forward and backward of each such module per step. "
+                "adaptive.stats.register_rule() adds a cheaper rule",
+                stacklevel=3,
+            )
+
+    def _hook_leaves(self) -> None:
+        seen: set[int] = set()
+        for site in self._sites:
+            for full, p in site.params.values():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                self._handles.append(p.register_hook(partial(self._on_leaf_grad, full)))
+
+    # ------------------------------------------------------------------ uses
+    def _use(self, mb: _MicroBatch, fulls: Any) -> None:
+        for full in fulls:
+            mb.uses[full] = mb.uses.get(full, 0) + 1
+
+    @staticmethod
+    def _multi(mb: _MicroBatch, full: str) -> bool:
+        return mb.uses.get(full, 0) > 1
+
+    def _contribute(self, mb: _MicroBatch, full: str, g: Tensor) -> None:
+        """One use's per-sample gradients ``(b, *shape)`` of parameter ``full``."""
+        if self._multi(mb, full):
+            g = g.float()
+            prev = mb.shared.get(full)
+            mb.shared[full] = g.clone() if prev is None else prev.add_(g)
+        else:
+            self._account(mb, full, g)
+
+    def _account(self, mb: _MicroBatch, full: str, g: Tensor) -> None:
+        """Every statistic of one parameter from its per-sample gradients ``(b, *shape)``."""
+        from adaptive.stats.statistics import _add, _batch_sum, _float32
+
+        with _float32(g.device.type):
+            g = g.float()
+            total = _batch_sum(g)
+            mb.sq = _add(mb.sq, torch.linalg.vector_norm(g, dim=_rest(g)).square())
+            self._add_grad(mb, full, total)
+            if self.per_coordinate:
+                self._add_coordinates(mb, full, g.square().sum(0))
+            t = None if self._target is None else self._target.get(full)
+            if t is not None:
+                mb.target_dots = _add(mb.target_dots, (g * t).sum(_rest(g)))
+            elif self._target is not None and mb.target_dots is None:
+                mb.target_dots = torch.zeros(g.shape[0], device=g.device)
+            if self.inner_products:
+                mb.inner = _add(mb.inner, (g * total).sum(_rest(g)))
+
+    def _on_leaf_grad(self, full: str, grad: Tensor) -> None:
+        mb = self._current
+        if mb is None or replaying():
+            return
+        if mb.uses.get(full, 0) == 0:
+            raise UnsupportedModuleError(
+                f"parameter '{full}' received a gradient, but no module that holds it ran "
+                "inside this capture(): it is used outside its module's forward (by another "
+                "module's functional call, or by an operation outside the model), where the "
+                "sensor cannot see its per-sample gradients. Use it through its module, or "
+                "pass fallback='groups'"
+            )
+        buf = mb.shared.pop(full, None)
+        if buf is not None:
+            self._account(mb, full, buf)
+
+    # ------------------------------------------------------------------ rule layers
+    def _shared_output_grad(self, site: _Site, a: Tensor, d: Tensor) -> frozenset[str]:
+        """Per-sample gradients of the site's parameters used more than once (into the shared
+        buffers); returns the local names left to the rule's norm-only path."""
+        mb = self._current
+        multi = frozenset(loc for loc, (f, _) in site.params.items() if self._multi(mb, f))
+        if multi:
+            from adaptive.stats.statistics import _float32
+
+            with _float32(d.device.type):
+                per = per_sample_params(site.rule, site.module, a, d, multi)
+            for loc, g in per.items():
+                self._contribute(mb, site.params[loc][0], g)
+        return frozenset(site.params) - multi
+
+    def _fused_or_shared(
+        self, site: _Site, a: Tensor, locals_: list[str], *rest: Any
+    ) -> tuple[Tensor, ...]:
+        """A fused layer's backward (``rest``: what ``_on_fused_grad`` takes after the local
+        names, the output gradient last): the fused path, unless the layer ran more than once
+        (its parameters then need per-sample gradients for the sum of the uses)."""
+        mb = self._current
+        grad = rest[-1]
+        if mb is None or not any(self._multi(mb, site.params[k][0]) for k in locals_):
+            return self._on_fused_grad(site, a, locals_, *rest)
+        from adaptive.stats.statistics import _batch_sum, _float32
+
+        d = grad.detach()
+        self._start(mb, d.shape[0], site.name)
+        with _float32(d.device.type):
+            per = per_sample_params(site.rule, site.module, a, d, frozenset(locals_))
+            sums = {k: _batch_sum(per[k].float()) for k in locals_}
+        for k in locals_:
+            self._contribute(mb, site.params[k][0], per[k])
+        return tuple(sums[k].to(site.params[k][1].dtype) for k in locals_)
+
+    # ------------------------------------------------------------------ modules without a rule
+    def _on_replay_pre(self, site: _Site, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mb = self._current
+        if mb is None or replaying() or not torch.is_grad_enabled():
+            return
+        below = self._replays[site.name]
+        mb.replay_stack.append({s.name: mb.calls.get(s.name, 0) for _, s in below})
+
+    def _on_replay_forward(
+        self, site: _Site, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> Any:
+        mb = self._current
+        if mb is None or replaying() or not torch.is_grad_enabled() or not mb.replay_stack:
+            return None
+        before = mb.replay_stack.pop()
+        params = {loc: p for loc, (_, p) in site.params.items()}
+        fulls = {loc: f for loc, (f, _) in site.params.items()}
+        for rel, s in self._replays[site.name]:
+            if mb.calls.get(s.name, 0) == before[s.name]:  # did not run: its parameters may
+                for loc, (f, p) in s.params.items():  # be used by this module's own code
+                    params[f"{rel}.{loc}"] = p
+                    fulls[f"{rel}.{loc}"] = f
+        mb.calls[site.name] = mb.calls.get(site.name, 0) + 1
+        self._use(mb, fulls.values())
+        handler = partial(self._on_replay_grad, site, fulls)
+        return tap_outputs(site.name, module, params, args, kwargs, output, handler)
+
+    def _on_replay_grad(
+        self, site: _Site, fulls: dict[str, str], call: ModuleCall, grads: tuple[Tensor, ...]
+    ) -> None:
+        mb = self._current
+        if mb is None:
+            return
+        self._start(mb, grads[0].shape[0], site.name)
+        per = per_sample_grads(site.name, call, tuple(g.detach() for g in grads), mb.size)
+        for rel, g in per.items():
+            self._contribute(mb, fulls[rel], g)
