@@ -1,0 +1,197 @@
+"""Which way the sensor computes a layer's per-sample norms and batch gradient, per shape.
+
+A Linear layer on sequences or a convolution can be handled three ways, with the same results:
+
+- ``"native"``: the compiled CPU kernel (:mod:`adaptive.stats.native`) builds each sample's
+  weight gradient in registers and returns ``Σ_i G_i`` and ``‖G_i‖²`` in one pass; the sum
+  replaces autograd's weight gradient;
+- ``"materialise"``: the per-sample gradients ``G_i`` (a batched matmul, an im2col copy for a
+  convolution) are written out, and their sum replaces autograd's weight gradient;
+- ``"torch"``: autograd computes the weight gradient, and the norms come from the Gram form
+  ``Σ_{s,t} (x_s·x_t)(δ_s·δ_t)`` or a grouped matmul (Goodfellow 2015; Li et al. 2022).
+
+Which is fastest depends on the shape, the thread count and the machine (a kernel tuned on an
+AVX-512 CPU lost 3-5x to torch on an AVX2 one), so on CPU the sensor does not guess: the first
+time a shape is seen it runs every candidate on the real operands (one warm-up, then the best of
+``repeats`` interleaved timings), keeps the fastest for the process, and uses it from then on.
+On CUDA nothing is timed (timing needs a host synchronisation): the layer rule's cost model
+(``materialising_pays``) decides. ``GradientStatistics(paths={layer: path})`` overrides the
+choice per layer, and ``GradientStatistics.plan()`` shows every choice with its reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PATHS", "PathPlanner", "PlanEntry", "clear_cache", "fastest"]
+
+PATHS = ("native", "materialise", "torch")
+
+# What was measured in this process: shape key -> {path: seconds}. Shared by every sensor, so
+# a second GradientStatistics on the same model measures nothing again.
+_MEASURED: dict[tuple, dict[str, float]] = {}
+
+
+def clear_cache() -> None:
+    """Forget every measurement (the next capture of each shape measures again)."""
+    _MEASURED.clear()
+
+
+def fastest(timings: Mapping[str, float]) -> str:
+    """The path with the least time; ties go to the earlier path in ``PATHS`` order."""
+    if not timings:
+        raise ValueError("fastest() needs at least one timing")
+    return min(timings, key=lambda p: (timings[p], PATHS.index(p)))
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One layer's choice: ``path`` for calls with input shape ``input_shape``, and why."""
+
+    layer: str
+    kind: str
+    input_shape: tuple[int, ...]
+    threads: int
+    path: str
+    reason: str
+    candidates: tuple[str, ...]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        times = ", ".join(f"{p} {t:.3f} ms" for p, t in self.timings_ms.items())
+        return (
+            f"{self.layer} ({self.kind} {list(self.input_shape)}, {self.threads} threads): "
+            f"{self.path} [{self.reason}{'; ' + times if times else ''}]"
+        )
+
+
+class PathPlanner:
+    """Chooses a path per layer call (see the module docstring).
+
+    Args:
+        overrides: layer name -> path (one of ``PATHS``); a path the call cannot take raises at
+            that layer's first capture. Or one path for every layer, used wherever it can take
+            the call (the others are chosen as without an override).
+        repeats: timed runs per candidate after one warm-up run.
+        timer: the clock (seconds); tests feed made-up timings through it.
+    """
+
+    def __init__(
+        self,
+        overrides: Mapping[str, str] | str | None = None,
+        repeats: int = 3,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.everywhere: str | None = None
+        if isinstance(overrides, str):
+            if overrides not in PATHS:
+                raise ValueError(f"paths = {overrides!r} is not a path; valid: {', '.join(PATHS)}")
+            self.everywhere, overrides = overrides, None
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise TypeError(
+                "paths must be a path name or a mapping of layer names to path names, got "
+                f"{type(overrides).__name__}"
+            )
+        overrides = dict(overrides or {})
+        for name, path in overrides.items():
+            if path not in PATHS:
+                raise ValueError(
+                    f"paths[{name!r}] = {path!r} is not a path; valid: {', '.join(PATHS)}"
+                )
+        if not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        self.overrides = overrides
+        self.repeats = repeats
+        self.timer = timer
+        self.entries: dict[str, PlanEntry] = {}
+
+    @staticmethod
+    def key(module: nn.Module, a: Tensor, options: tuple) -> tuple:
+        """What the speed of a call depends on: the layer's kind and geometry, the input's
+        shape, dtype and memory order, the thread count, the kernel build and what is computed."""
+        from adaptive.stats import native
+
+        return (
+            type(module).__name__,
+            module.extra_repr(),
+            tuple(a.shape),
+            tuple(a.stride()),
+            a.dtype,
+            torch.get_num_threads(),
+            native.target(),
+            options,
+        )
+
+    def choose(
+        self, name: str, module: nn.Module, a: Tensor, candidates: tuple[str, ...], options: tuple
+    ) -> tuple[str, tuple | None]:
+        """``(path, key)``: the path for this call, or ``"measure"`` with the key to record the
+        measurement under (the caller times the candidates in backward, where the operands are)."""
+        kind = type(module).__name__
+        shape = tuple(a.shape)
+        threads = torch.get_num_threads()
+
+        def entry(path: str, reason: str, timings: Mapping[str, float] | None = None) -> str:
+            ms = {p: t * 1e3 for p, t in (timings or {}).items()}
+            self.entries[name] = PlanEntry(name, kind, shape, threads, path, reason, candidates, ms)
+            return path
+
+        wanted = self.overrides.get(name)
+        if wanted is not None:
+            if wanted not in candidates:
+                raise ValueError(
+                    f"paths[{name!r}] = {wanted!r} cannot take this call ({kind} on input "
+                    f"{list(shape)}, {a.device.type}); valid here: {', '.join(candidates)}"
+                )
+            return entry(wanted, "override"), None
+        if self.everywhere in candidates:
+            return entry(self.everywhere, "override (every layer)"), None
+        if len(candidates) == 1:
+            return entry(candidates[0], "only path"), None
+        if a.device.type != "cpu":
+            return entry(candidates[0], "cost model (nothing is timed off the CPU)"), None
+        key = self.key(module, a, options)
+        timings = _MEASURED.get(key)
+        if timings is None:
+            return "measure", key
+        return entry(fastest(timings), "measured", timings), None
+
+    def measure(
+        self,
+        name: str,
+        module: nn.Module,
+        a: Tensor,
+        key: tuple,
+        runs: Mapping[str, Callable[[], object]],
+    ) -> tuple[str, object]:
+        """Time every candidate ``runs[path]()`` (interleaved, best of ``repeats`` after a
+        warm-up), record the timings under ``key`` and return ``(fastest path, its result)``."""
+        results = {p: run() for p, run in runs.items()}  # warm-up: workspaces, caches
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(self.repeats):
+            for p, run in runs.items():
+                t0 = self.timer()
+                results[p] = run()
+                best[p] = min(best[p], self.timer() - t0)
+        _MEASURED[key] = best
+        path = fastest(best)
+        ms = {p: t * 1e3 for p, t in best.items()}
+        self.entries[name] = PlanEntry(
+            name,
+            type(module).__name__,
+            tuple(a.shape),
+            torch.get_num_threads(),
+            path,
+            "measured",
+            tuple(runs),
+            ms,
+        )
+        return path, results[path]
+
+    def plan(self) -> list[PlanEntry]:
+        return list(self.entries.values())

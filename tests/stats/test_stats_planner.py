@@ -1,0 +1,197 @@
+"""The per-shape path choice (``adaptive.stats.planner``): it picks the fastest measured path,
+the sensor then runs that path, every path gives the statistics of torch.func per-sample
+gradients, and overrides are honoured or refused clearly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from adaptive.stats import (
+    GradientStatistics,
+    PathPlanner,
+    native,
+    per_sample_gradients,
+    planner,
+    reference_statistics,
+)
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    planner.clear_cache()
+    yield
+    planner.clear_cache()
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max())
+
+
+def test_fastest_is_the_least_time_ties_in_path_order():
+    assert planner.fastest({"native": 3.0, "materialise": 1.0, "torch": 2.0}) == "materialise"
+    assert planner.fastest({"torch": 1.0, "native": 1.0}) == "native"
+    with pytest.raises(ValueError, match="at least one"):
+        planner.fastest({})
+
+
+class Clock:
+    """A made-up clock: each run advances it by that path's made-up cost."""
+
+    def __init__(self, costs: dict[str, float]) -> None:
+        self.now, self.costs = 0.0, costs
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, path: str):
+        def go():
+            self.now += self.costs[path]
+            return path
+
+        return go
+
+
+def test_measure_picks_the_fastest_and_caches_it():
+    clock = Clock({"native": 5e-3, "materialise": 2e-3, "torch": 3e-3})
+    plan = PathPlanner(timer=clock, repeats=2)
+    layer, a = torch.nn.Linear(4, 6), torch.zeros(2, 3, 4)
+    path, key = plan.choose("fc", layer, a, ("native", "torch", "materialise"), ())
+    assert path == "measure" and key is not None
+    runs = {p: clock.run(p) for p in ("native", "torch", "materialise")}
+    chosen, result = plan.measure("fc", layer, a, key, runs)
+    assert chosen == result == "materialise"
+    (entry,) = plan.plan()
+    assert entry.path == "materialise" and entry.reason == "measured"
+    assert entry.timings_ms == pytest.approx({"native": 5.0, "torch": 3.0, "materialise": 2.0})
+    # the same shape later, in another planner: no new measurement, the same choice
+    other = PathPlanner(timer=clock)
+    assert other.choose("fc2", layer, a, ("native", "torch", "materialise"), ()) == (
+        "materialise",
+        None,
+    )
+    # another shape is measured anew
+    assert other.choose("fc2", layer, torch.zeros(2, 5, 4), ("native", "torch"), ())[0] == "measure"
+
+
+def test_off_the_cpu_the_cost_model_decides_without_timing():
+    plan = PathPlanner(timer=lambda: pytest.fail("timed off the CPU"))
+    layer, a = torch.nn.Linear(4, 6), torch.zeros(2, 3, 4, device="meta")
+    assert plan.choose("fc", layer, a, ("materialise", "torch"), ()) == ("materialise", None)
+    assert "cost model" in plan.plan()[0].reason
+
+
+def test_bad_overrides_are_refused_with_the_valid_values(models):
+    make_model, data_for = models
+    model, _ = make_model("cnn")
+    with pytest.raises(ValueError, match="'fast' is not a path; valid: native, materialise, torch"):
+        GradientStatistics(model, paths={"0": "fast"})
+    with pytest.raises(ValueError, match=r"not Linear/Conv layers of the model; valid: \['0'"):
+        GradientStatistics(model, paths={"conv9": "torch"})
+    with pytest.raises(TypeError, match="path name or a mapping"):
+        GradientStatistics(model, paths=["torch"])
+    # the MLP's Linears see one position: only the product form applies
+    mlp, loss = make_model("mlp")
+    stats = GradientStatistics(mlp, paths={"1": "materialise"})
+    x, y = data_for("mlp", 3)
+    with pytest.raises(ValueError, match=r"paths\['1'\] = 'materialise' cannot take this call"):
+        with stats.capture():
+            loss(mlp(x), y).backward()
+
+
+def _run(model, loss_fn, x, y, stats, steps=2):
+    results = []
+    for _ in range(steps):
+        model.zero_grad()
+        with stats.capture():
+            loss_fn(model(x), y).backward()
+        results.append(stats.result())
+    return results
+
+
+def _check(model, loss_fn, x, y, results, reference):
+    ref = reference_statistics(per_sample_gradients(model, loss_fn, x, y))
+    for s in results:
+        assert rel(s.per_sample_sq_norms, ref["per_sample_sq_norms"]) < 1e-4
+        assert rel(s.grad_sq_norm, ref["grad_sq_norm"]) < 1e-4
+        assert rel(s.inner_product_variance, ref["inner_product_variance"]) < 1e-4
+        for n, v in s.coordinate_sq_sums.items():
+            assert rel(v, ref["coordinate_sq_sums"][n]) < 1e-4
+    reference.zero_grad()
+    loss_fn(reference(x), y).backward()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert rel(p.grad, q.grad) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["cnn", "conv1d", "block"])
+@pytest.mark.parametrize("path", ["native", "materialise", "torch"])
+def test_every_path_gives_the_statistics_of_torch_func(models, kind, path):
+    if path == "native" and not native.available():
+        pytest.skip("the compiled kernel is not built")
+    make_model, data_for = models
+    model, loss_fn = make_model(kind)
+    reference = copy.deepcopy(model)
+    x, y = data_for(kind, 5, seed=2)
+    stats = GradientStatistics(model, paths=path, per_coordinate=True)
+    _check(model, loss_fn, x, y, _run(model, loss_fn, x, y, stats), reference)
+    # the one path wherever it can take the call (a grouped convolution has no kernel path)
+    entries = [e for e in stats.plan() if path in e.candidates and len(e.candidates) > 1]
+    assert entries and all(e.path == path for e in entries)
+
+
+@pytest.mark.parametrize("winner", ["native", "materialise", "torch"])
+def test_the_sensor_runs_the_path_measured_fastest(models, monkeypatch, winner):
+    if winner == "native" and not native.available():
+        pytest.skip("the compiled kernel is not built")
+    make_model, data_for = models
+    model, loss_fn = make_model("cnn")
+    reference = copy.deepcopy(model)
+    x, y = data_for("cnn", 4, seed=1)
+    costs = {p: (1e-3 if p == winner else 4e-3) for p in planner.PATHS}
+    clock = Clock(costs)
+    ran: list[str] = []
+    original = GradientStatistics._fused_values
+
+    def timed(self, path, *args):
+        ran.append(path)
+        clock.now += costs[path]
+        return original(self, path, *args)
+
+    monkeypatch.setattr(GradientStatistics, "_fused_values", timed)
+    stats = GradientStatistics(model, per_coordinate=True)
+    stats._planner.timer = clock
+    results = _run(model, loss_fn, x, y, stats, steps=1)
+    measured = {e.layer: e for e in stats.plan()}
+    first = measured["0"]  # the 1→4 convolution: every path can take it
+    assert first.path == winner and first.reason == "measured"
+    assert set(first.candidates) == (
+        set(planner.PATHS) if native.available() else {"materialise", "torch"}
+    )
+    ran.clear()
+    results += _run(model, loss_fn, x, y, stats, steps=1)
+    # every layer with a choice runs the cheapest of its own candidates (a grouped convolution
+    # has no kernel path), and the second step runs it only: once per fused layer, nothing for
+    # "torch" (autograd's gradient and the Gram form)
+    want = {
+        e.layer: planner.fastest({p: costs[p] for p in e.candidates})
+        for e in stats.plan()
+        if len(e.candidates) > 1
+    }
+    assert {e.layer: e.path for e in stats.plan() if e.layer in want} == want
+    assert sorted(ran) == sorted(p for p in want.values() if p != "torch")
+    _check(model, loss_fn, x, y, results, reference)
+
+
+def test_plan_is_readable(models):
+    make_model, data_for = models
+    model, loss_fn = make_model("block")
+    stats = GradientStatistics(model, paths={"fc1": "torch"})
+    x, y = data_for("block", 3)
+    with stats.capture():
+        loss_fn(model(x), y).backward()
+    lines = {e.layer: str(e) for e in stats.plan()}
+    assert lines["fc1"].startswith("fc1 (Linear [3, 16, 16], ")
+    assert "torch [override]" in lines["fc1"]
+    assert "measured; " in lines["fc2"] and " ms" in lines["fc2"]
