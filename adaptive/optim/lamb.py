@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from . import lamb_triton
 from ._common import (
     DEFAULT_CPU_BLOCK,
     check_betas,
@@ -347,6 +348,9 @@ def _lamb_fast(
         low = dtype not in (torch.float32, torch.float64)
         if device.type == "cpu" and opt.cpu_block > 0:
             _lamb_cpu_blocked(opt, xs, gs, ms, vs, st, clip, hp, wd_in, shrink, low)
+            continue
+        if lamb_triton.takes(xs, gs, ms, vs):  # CUDA: two multi-tensor Triton passes
+            lamb_triton.lamb_step(xs, gs, ms, vs, st, {**hp, "clip": clip})
             continue
         if hp["bias_correction"]:
             s = torch.stack(st).to(ms[0].dtype)  # fp64 params get fp64 corrections

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptive.stats import native
+from adaptive.stats import native, triton_norms
 
 __all__ = [
     "SUPPORTED_MODULES",
@@ -245,6 +245,8 @@ class _GroupedMatmulRule(LayerRule):
         raise NotImplementedError
 
     def sq_norms(self, module, a, d, names):
+        if triton_norms.applies(d):  # CUDA: Triton kernels, half-precision operands read as is
+            return triton_norms.layer_sq_norms(module, a, d, names)
         x, dd = self.operands(module, a, d)
         if "weight" in names:
             return _grouped_sq_norms(x, dd, bias="bias" in names)
@@ -493,7 +495,7 @@ class ConvRule(_GroupedMatmulRule):
         return res
 
     def sq_norms(self, module, a, d, names):
-        if not self._use_direct(module, d):
+        if not self._use_direct(module, d) or triton_norms.applies(d):
             return super().sq_norms(module, a, d, names)
         b = d.shape[0]
         out = torch.zeros(b, device=d.device, dtype=torch.float32)
