@@ -326,6 +326,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
                 index += 1
                 self._yielded = index
                 self._starts[index] = position
+                # a consumer that trusts len() never asks past the last batch: mark the end now
+                self._finished = self._exhausted(index, position)
                 yield mine.tolist()
             self._finished = True
             return
@@ -345,6 +347,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             index += 1
             self._yielded = index
             self._starts[index] = position
+            self._finished = self._exhausted(index, position)
             yield mine.tolist()
         self._finished = True
 
@@ -353,6 +356,11 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         size = self.size_at(index)
         return size // self.num_replicas if self.sharded else size
 
+    def _exhausted(self, index: int, position: int) -> bool:
+        """No batch ``index`` starting at ``position``: the epoch ends before it."""
+        left = self.num_samples - position
+        return left <= 0 or (self.drop_last and left < self._step_of(index))
+
     def num_batches(self) -> int:
         """Batches in the current epoch, given the sizes scheduled so far (also ``len()``).
 
@@ -360,6 +368,11 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         read it again after each :meth:`set_batch_size` (``AdaptiveBatchSize`` updates
         Lightning's count of the epoch's batches, its progress bar and its end-of-epoch check).
         """
+        if self._finished:  # all handed out: the next iteration is the next epoch
+            step = self.size_at(1 << 62)
+            step = step // self.num_replicas if self.sharded else step
+            n = self.num_samples
+            return n // step if self.drop_last else -(-n // step)
         index, position, count = self._start_index, self._start_position, self._start_index
         while position < self.num_samples:
             size = self._step_of(index)

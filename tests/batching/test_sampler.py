@@ -293,13 +293,14 @@ def test_wrapped_distributed_sampler_is_sharded_per_rank():
     ]
     for s in ranks:
         s.set_batch_size(8, from_batch=1)
+    assert len(ranks[0]) == len(ranks[1]) == 5
     per_rank = [_drain(s) for s in ranks]
     # each rank batches its own DistributedSampler sequence: 2, then 4 per step (15 = 2+4+4+4+1)
     for r, batches in enumerate(per_rank):
         ds = DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=4)
         assert [i for b in batches for i in b] == list(ds)
         assert [len(b) for b in batches] == [2, 4, 4, 4, 1]
-    assert len(ranks[0]) == len(ranks[1]) == 5
+    assert len(ranks[0]) == 4  # all handed out: the next epoch's plan, 15 at 4 per rank
     with pytest.raises(ValueError, match="rank=1"):
         AdaptiveBatchSampler(
             DistributedSampler(data, num_replicas=2, rank=1), batch_size=4, num_replicas=2, rank=0
@@ -349,5 +350,12 @@ def test_len_is_the_planned_batches_and_shrinks_when_the_batch_grows():
     s.set_batch_size(30, from_batch=3)
     # 3 batches of 10, then 30, 30 and a last one of 10
     assert len(loader) == s.num_batches() == 6
-    assert len(list(it)) == 4
     assert s.position(3) == 30 and s.position(5) == 90
+    assert len(list(it)) == 4
+    # a consumer that trusts len() stops after the last batch without asking for another: the
+    # sampler knows the epoch is over, and its length is already the next epoch's at size 30
+    assert len(loader) == 4
+    for epoch in (1, 2):
+        it = iter(loader)
+        batches = [next(it) for _ in range(len(loader))]  # never asks past the end
+        assert s.epoch == epoch and sum(len(b) for b in batches) == 100
