@@ -183,6 +183,7 @@ def build_methods(factory, loss_fn, x, y, device) -> dict[str, Callable[[], obje
                 loss_fn(model(x), y).backward()
             return stats.result().noise_scale
 
+        run_ours.stats = stats  # its plan() is recorded with the results
         methods[label] = run_ours
 
     from torch.func import functional_call, grad, vmap
@@ -328,6 +329,7 @@ def run(args: argparse.Namespace) -> dict:
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "note": args.note,
+            **native.machine(),
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "settings": {
@@ -363,6 +365,18 @@ def run(args: argparse.Namespace) -> dict:
         out["models"][name] = {
             "batch": batch,
             "sync_free_capture": sync_free_capture(factory, loss_fn, x, y, device),
+            # how ours_norms handled each Linear/Conv layer (adaptive.stats.planner)
+            "plan": [
+                {
+                    "layer": e.layer,
+                    "kind": e.kind,
+                    "input_shape": list(e.input_shape),
+                    "path": e.path,
+                    "reason": e.reason,
+                    "timings_ms": e.timings_ms,
+                }
+                for e in methods["ours_norms"].stats.plan()
+            ],
             "methods": {
                 k: {
                     "median_step_ms": 1e3 * statistics.median(times[k]),
@@ -377,6 +391,42 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
+def machine_lines(m: dict) -> list[str]:
+    """The CPU, its instruction sets and the kernel build, as Markdown list items."""
+    if "cpu" not in m:
+        return []
+    caps = ", ".join(f"{k}={v}" for k, v in m.get("isa_caps", {}).items())
+    return [
+        f"- CPU: {m['cpu']} ({m['arch']}); instruction sets: {', '.join(m['instruction_sets'])}; "
+        f"torch CPU capability {m['torch_cpu_capability']}",
+        f"- compiled kernel builds: {', '.join(m['kernel_builds']) or 'none'}; "
+        f"in use: {m['kernel_build_used'] or 'none'}"
+        + (f"; instruction sets capped by {caps}" if caps else ""),
+    ]
+
+
+# An AVX2-only machine, emulated on a larger one: torch's ATen, MKL and oneDNN and the kernel
+# all limited to AVX2 (each variable is read when its library starts, so the process re-runs).
+ISA_ENV = {
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "ADAPTIVE_NATIVE": "avx2",
+    },
+}
+
+
+def reexec_with_isa(isa: str | None) -> None:
+    """Re-run this script with the instruction sets of ``isa`` capped (no-op where they are)."""
+    if isa is None:
+        return
+    env = ISA_ENV[isa]
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [
@@ -385,6 +435,7 @@ def markdown(res: dict) -> str:
         f"- date: {res['date']}",
         f"- machine: {m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
         f"device {m['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}",
+        *machine_lines(m),
         f"- versions: {', '.join(f'{k} {v}' for k, v in res['versions'].items())}",
         f"- {res['settings']['rounds']} interleaved rounds × {res['settings']['steps']} steps, "
         f"{res['settings']['clock']} clock; "
@@ -418,6 +469,20 @@ def markdown(res: dict) -> str:
                 f"{v['ratio_to_plain_min']:.2f}–{v['ratio_to_plain_max']:.2f} | "
                 f"{'-' if pf is None else f'{pf:.0f}'} |"
             )
+        if r.get("plan"):
+            lines += [
+                "",
+                "Path per layer (`ours_norms`, `GradientStatistics.plan()`):",
+                "",
+                "| layer | input | path | why | measured (ms) |",
+                "|---|---|---|---|---|",
+            ]
+            for e in r["plan"]:
+                ms = ", ".join(f"{k} {v:.3f}" for k, v in e["timings_ms"].items())
+                lines.append(
+                    f"| {e['layer']} ({e['kind']}) | {e['input_shape']} | {e['path']} | "
+                    f"{e['reason']} | {ms or '-'} |"
+                )
         if r["sync_free_capture"] is not None:
             lines.append(
                 f"\nsync-free capture (set_sync_debug_mode='error'): {r['sync_free_capture']}"
@@ -446,8 +511,15 @@ def main() -> None:
         help="glibc keeps freed memory (mallopt) for every method: no page-fault lottery",
     )
     p.add_argument("--note", default="", help="free text stored with the results")
+    p.add_argument(
+        "--isa",
+        choices=sorted(ISA_ENV),
+        default=None,
+        help="measure as on a CPU with only these instruction sets (torch and the kernel capped)",
+    )
     p.add_argument("--out", default=str(RESULTS / "stats_overhead"), help="path without suffix")
     args = p.parse_args()
+    reexec_with_isa(args.isa)
     defaults = {"cnn": 128, "block": 32, "resnet18gn": 256}
     if args.batches is None:
         args.batches = [defaults[m] for m in args.models]

@@ -33,6 +33,7 @@ __all__ = [
     "conv2d_sums_and_norms",
     "cpu_features",
     "linear_sums_and_norms",
+    "machine",
     "supported",
     "target",
     "targets_built",
@@ -86,6 +87,57 @@ def cpu_features() -> frozenset[str]:
     except OSError:
         pass
     return _TORCH_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), frozenset())
+
+
+# Instruction sets worth naming in a speed result (x86 and Arm flag names)
+_NAMED_SETS = (
+    "sse2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "asimd",
+    "sve",
+    "sve2",
+)
+# Variables that make torch's own libraries use fewer instruction sets than the CPU has (a
+# benchmark can thereby measure an AVX2 machine on an AVX-512 one); recorded when set.
+_ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", _ENV)
+
+
+def machine() -> dict[str, object]:
+    """What a speed result depends on: the CPU model, its instruction sets, torch's CPU
+    capability and threads, the kernel builds installed and the one in use, and any variable
+    that caps the instruction sets torch or the kernel use."""
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "CPU part"):
+                    model = value.strip()
+                    break
+    except OSError:
+        pass
+    import platform
+
+    flags = cpu_features()
+    return {
+        "cpu": model or platform.processor() or platform.machine(),
+        "arch": platform.machine(),
+        "instruction_sets": [f for f in _NAMED_SETS if f in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "kernel_builds": targets_built(),
+        "kernel_build_used": target(),
+        "isa_caps": {k: os.environ[k] for k in _ISA_CAPS if k in os.environ},
+    }
 
 
 def supported(name: str) -> bool:
