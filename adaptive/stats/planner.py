@@ -113,14 +113,16 @@ class PathPlanner:
     @staticmethod
     def key(module: nn.Module, a: Tensor, options: tuple) -> tuple:
         """What the speed of a call depends on: the layer's kind and geometry, the input's
-        shape, dtype and memory order, the thread count, the kernel build and what is computed."""
+        shape (each size rounded up to a power of two, so a batch that grows or sequences of
+        varying length are measured a few times, not at every new size), dtype and memory
+        order, the thread count, the kernel build and what is computed."""
         from adaptive.stats import native
 
         return (
             type(module).__name__,
             module.extra_repr(),
-            tuple(a.shape),
-            tuple(a.stride()),
+            tuple(1 << max(0, n - 1).bit_length() for n in a.shape),
+            a.is_contiguous(),
             a.dtype,
             torch.get_num_threads(),
             native.target(),
@@ -156,8 +158,8 @@ class PathPlanner:
         if a.device.type != "cpu":
             return entry(candidates[0], "cost model (nothing is timed off the CPU)"), None
         key = self.key(module, a, options)
-        timings = _MEASURED.get(key)
-        if timings is None:
+        timings = {p: t for p, t in _MEASURED.get(key, {}).items() if p in candidates}
+        if set(timings) != set(candidates):
             return "measure", key
         return entry(fastest(timings), "measured", timings), None
 

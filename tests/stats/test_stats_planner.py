@@ -72,8 +72,13 @@ def test_measure_picks_the_fastest_and_caches_it():
         "materialise",
         None,
     )
-    # another shape is measured anew
-    assert other.choose("fc2", layer, torch.zeros(2, 5, 4), ("native", "torch"), ())[0] == "measure"
+    # a size in the same power-of-two bucket shares the measurement; another is measured anew
+    every = ("native", "torch", "materialise")
+    assert other.choose("fc2", layer, torch.zeros(2, 4, 4), every, ())[0] == "materialise"
+    assert other.choose("fc2", layer, torch.zeros(2, 5, 4), every, ())[0] == "measure"
+    # fewer candidates (the kernel switched off): the fastest of those measured
+    assert other.choose("fc2", layer, a, ("torch", "materialise"), ())[0] == "materialise"
+    assert other.choose("fc2", layer, a, ("native", "torch"), ())[0] == "torch"
 
 
 def test_off_the_cpu_the_cost_model_decides_without_timing():
