@@ -23,7 +23,7 @@ DDP with Lightning's distributed-sampler injection on (pass ``Trainer(use_distri
 the sampler shards every global batch itself), and a model the statistics sensor cannot measure
 (checked at ``setup``, not at the first batch).
 
-With :class:`callbacks.OnlineBatchSelection` (growth + selection). The test measures the kept
+With :class:`adaptive.callbacks.OnlineBatchSelection` (growth + selection). The test measures the kept
 samples, which are what is trained on, so sizes are *kept* sizes: ``batch_size``,
 ``max_batch_size``, ``max_micro_batch_size``, the lr scaling and the logs all count kept samples.
 The candidate pool grows with them at the loader's keep fraction ``k / batch_size`` (reduced to
@@ -43,7 +43,7 @@ further initial batch's worth of candidates the step consumed (``⌊consumed / b
 epoch, the epoch's full count at its end), so it reaches its last step at the end of the budget
 however the batch grew, and ``total_steps=trainer.estimated_stepping_batches`` is right. With
 ``Trainer(max_steps=...)`` the budget is in optimizer steps, whose number a growing batch changes:
-such a scheduler is refused; use :class:`callbacks.SampleClock` with a schedule clocked in samples
+such a scheduler is refused; use :class:`adaptive.callbacks.SampleClock` with a schedule clocked in samples
 or tokens (:class:`~adaptive.schedules.WSDScheduler`, :class:`~adaptive.schedules.PowerScheduler`,
 :class:`~adaptive.schedules.LinearDecayScheduler`).
 
@@ -54,7 +54,7 @@ switch at that same batch. Sizes therefore never depend on worker timing, and a 
 resumes exactly, with the same number of workers: resuming with another ``num_workers`` changes
 the prefetch window and so the batch at which later decisions land (the decisions stay right,
 the trajectory differs). Pass ``lookahead=`` to make the window independent of the workers. The
-sample clock of sample-clocked schedules (``callbacks.SampleClock``) counts each batch from its
+sample clock of sample-clocked schedules (``adaptive.callbacks.SampleClock``) counts each batch from its
 own tensors, so it stays right whatever the size.
 
 Logged every decision (``pl_module.log``): ``adaptive_batch/batch_size`` (global batch in force),
@@ -84,10 +84,10 @@ from adaptive.batching import (
     orthogonality_test,
     plan_batch,
 )
+from adaptive.callbacks._checks import check_model_supported, check_seed, single_train_loader_source
 from adaptive.mixture import MixtureSampler
 from adaptive.schedules import SampleClockedScheduler, adascale_gain, lr_scale_factor
 from adaptive.stats import FALLBACKS, GradientStatistics
-from callbacks._checks import check_model_supported, check_seed, single_train_loader_source
 
 __all__ = ["AdaptiveBatchSize"]
 
@@ -129,7 +129,7 @@ class AdaptiveBatchSize(pl.Callback):
             the per-sample hooks do not support.
         multiple_of: global batch sizes are multiples of ``multiple_of × world_size``.
 
-    With :class:`callbacks.OnlineBatchSelection` in the same Trainer every size above counts the
+    With :class:`adaptive.callbacks.OnlineBatchSelection` in the same Trainer every size above counts the
     kept (trained-on) samples; see the module docstring.
     """
 
@@ -261,7 +261,7 @@ class AdaptiveBatchSize(pl.Callback):
             fallback=self.stats_fallback,
         )
         check_model_supported("AdaptiveBatchSize", self._stats)
-        from callbacks.online_batch_selection import OnlineBatchSelection
+        from adaptive.callbacks.online_batch_selection import OnlineBatchSelection
 
         selections = [c for c in trainer.callbacks if isinstance(c, OnlineBatchSelection)]
         self._selection = selections[0] if selections else None
@@ -373,7 +373,14 @@ class AdaptiveBatchSize(pl.Callback):
             new = DataLoader(loader.dataset, batch_sampler=sampler, **kwargs)
         self.sampler = sampler
         window = AdaptiveBatchSampler.prefetch_window(new.num_workers, new.prefetch_factor, extra=1)
-        self._window = window if self.lookahead is None else max(self.lookahead, 1)
+        if self.lookahead is not None and self.lookahead < window:
+            raise ValueError(
+                f"AdaptiveBatchSize(lookahead={self.lookahead}) is inside the loader's prefetch "
+                f"window of {window} batches (num_workers={new.num_workers}, prefetch_factor="
+                f"{new.prefetch_factor}, plus Lightning's fetcher): a change would be scheduled "
+                f"on a batch already handed out; use lookahead >= {window}"
+            )
+        self._window = window if self.lookahead is None else self.lookahead
         self._keep = self._keep_fraction(sampler)
         if self._loaded is not None:
             self._restore(self._loaded)
@@ -464,7 +471,7 @@ class AdaptiveBatchSize(pl.Callback):
                     "step under AdaptiveBatchSize: the budget is in optimizer steps, whose number "
                     "depends on how the batch grows, so the schedule cannot be placed. Budget in "
                     "epochs (max_epochs; total_steps=trainer.estimated_stepping_batches), or use "
-                    "callbacks.SampleClock with a schedule clocked in samples or tokens "
+                    "adaptive.callbacks.SampleClock with a schedule clocked in samples or tokens "
                     "(adaptive.schedules.WSDScheduler, PowerScheduler, LinearDecayScheduler)"
                 )
             self._step_schedulers.append(sched)
@@ -713,6 +720,7 @@ class AdaptiveBatchSize(pl.Callback):
             "base_candidates": self._base_candidates,
             "units_done": self._units_done,
             "units": self._units,
+            "window": self._window,
         }
         if self.sampler is not None:
             state["sampler"] = self.sampler.state_dict(consumed_batches=self._consumed)
@@ -743,6 +751,21 @@ class AdaptiveBatchSize(pl.Callback):
         self._base_candidates = int(state.get("base_candidates", self._base_size))
         self._units_done = int(state.get("units_done", 0))
         self._units = int(state.get("units", 0))
+        saved = state.get("window")
+        if saved is not None and int(saved) != self._window:
+            if int(saved) > self._window:
+                # fewer workers now: the saved (longer) lookahead is still beyond the prefetch
+                # window, so later decisions land on the batches they landed on before
+                self._window = int(saved)
+            else:
+                rank_zero_warn(
+                    f"AdaptiveBatchSize: resuming with a prefetch window of {self._window} "
+                    f"batches (num_workers, prefetch_factor) where the checkpoint used "
+                    f"{int(saved)}: later size changes land {self._window - int(saved)} batch(es) "
+                    "later than in the original run, so the trajectory differs from it. Resume "
+                    "with the original num_workers, or set AdaptiveBatchSize(lookahead=...) to "
+                    "a value valid for both."
+                )
         if self.sampler is not None and "sampler" in state:
             self.sampler.load_state_dict(state["sampler"])
 

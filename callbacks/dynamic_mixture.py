@@ -121,14 +121,23 @@ class DynamicMixture(pl.Callback):
             )
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive integer, got {update_every!r}")
-        if isinstance(rule, GroupInfluence):
-            if target_loss is None:
-                raise ValueError("GroupInfluence needs target_loss=pl_module -> target mean loss")
-            if not isinstance(capture_steps, int) or not 1 <= capture_steps <= update_every:
-                raise ValueError(
-                    f"capture_steps must be an integer in [1, update_every={update_every}], "
-                    f"got {capture_steps!r}"
-                )
+        if (
+            isinstance(capture_steps, bool)
+            or not isinstance(capture_steps, int)
+            or not 1 <= capture_steps <= update_every
+        ):
+            raise ValueError(
+                f"capture_steps must be an integer in [1, update_every={update_every}], "
+                f"got {capture_steps!r}"
+            )
+        if isinstance(rule, GroupInfluence) and target_loss is None:
+            raise ValueError("GroupInfluence needs target_loss=pl_module -> target mean loss")
+        if target_loss is not None and not callable(target_loss):
+            raise TypeError(
+                f"target_loss must be a callable pl_module -> loss, got {target_loss!r}"
+            )
+        if sources_fn is not None and not callable(sources_fn):
+            raise TypeError(f"sources_fn must be a callable batch -> ids, got {sources_fn!r}")
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
         if names is not None and len(names) != rule.num_domains:
@@ -178,6 +187,17 @@ class DynamicMixture(pl.Callback):
             "batch_sampler=MixtureSampler(...)) and use Trainer(use_distributed_sampler=False)"
         )
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self._influence or self._stats is not None:
+            return
+        from adaptive.callbacks._checks import check_model_supported
+        from adaptive.stats import GradientStatistics
+
+        self._stats = GradientStatistics(
+            pl_module, num_groups=self.rule.num_domains, inner_products=False
+        )
+        check_model_supported("DynamicMixture(GroupInfluence)", self._stats)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.sampler = self._find_sampler(trainer)
         if self.sampler.num_sources != self.rule.num_domains:
@@ -194,12 +214,6 @@ class DynamicMixture(pl.Callback):
             # sampling follows the rule from the first batch on
             self.sampler.set_weights(self.rule.weights)
             self.history.append({"step": 0, "weights": self.rule.weights.tolist()})
-        if self._influence and self._stats is None:
-            from adaptive.stats import GradientStatistics
-
-            self._stats = GradientStatistics(
-                pl_module, num_groups=self.rule.num_domains, inner_products=False
-            )
 
     # -- measuring ------------------------------------------------------------------------------
     def _target_direction(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:

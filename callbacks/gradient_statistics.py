@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from adaptive.callbacks._checks import check_model_supported
 from adaptive.stats import FALLBACKS, GradientStatistics, StatisticsResult
 
 __all__ = ["GradientStatisticsLogger"]
@@ -92,6 +93,7 @@ class GradientStatisticsLogger(Callback):
             inner_products=self.inner_products,
             grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
         )
+        check_model_supported("GradientStatisticsLogger", self.stats)  # now, not at step 0
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()

@@ -16,7 +16,7 @@ the batch object this way works for tensors, tuples, namedtuples and mappings al
 that receives the batch cannot replace a tuple in place). Validation batches pass untouched.
 
 ``samples_trained`` / ``samples_scored`` count, over all ranks, the samples trained on and the
-samples scored; a sample-clocked schedule (``callbacks.SampleClock``) counts the kept batch it
+samples scored; a sample-clocked schedule (``adaptive.callbacks.SampleClock``) counts the kept batch it
 receives, i.e. the same ``samples_trained``. A ``training_step`` that takes
 ``dataloader_iter`` bypasses the transfer and is refused.
 
@@ -27,6 +27,7 @@ Under DDP every rank keeps ``min(k, n)`` of its own ``n`` candidates (equal on a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -121,7 +122,24 @@ def default_labels(batch: Any) -> Tensor:
 
 
 def default_loss(logits: Tensor, batch: Any) -> Tensor:
-    """Per-sample cross-entropy of ``logits`` against the batch's labels (see per_sample_loss)."""
+    """Per-sample cross-entropy of ``logits`` against the batch's labels (see per_sample_loss).
+
+    Sequence logits ``(b, T, V)`` are scored position by position, token ``t`` against label
+    ``t`` (no shift), with a warning: a causal LM whose labels are its inputs (the Hugging Face
+    ``labels=input_ids`` convention) must be scored with ``shift=True`` instead, which the callback
+    cannot tell from the shapes.
+    """
+    if logits.dim() == 3:
+        warnings.warn(
+            "OnlineBatchSelection's default loss scores (b, T, V) logits against labels at the "
+            "same position (no shift). For a causal language model whose labels are its input "
+            "ids, pass loss_fn=lambda logits, batch: per_sample_loss(logits, batch['labels'], "
+            "shift=True); if the labels are already aligned with the logits, pass "
+            "loss_fn=lambda logits, batch: per_sample_loss(logits, batch['labels']) to silence "
+            "this warning",
+            UserWarning,
+            stacklevel=2,
+        )
     return per_sample_loss(logits, default_labels(batch))
 
 
@@ -139,8 +157,8 @@ class OnlineBatchSelection(pl.Callback):
         forward_fn: ``(module, batch) -> logits`` for the scoring forward; default
             :func:`default_forward`. Also used on ``holdout_model``.
         loss_fn: ``(logits, batch) -> (b,)`` per-sample losses; default cross-entropy against
-            ``batch[1]`` / ``batch["labels"]`` (pass your own for causal LMs, e.g.
-            ``per_sample_loss(logits, batch["labels"], shift=True)``).
+            ``batch[1]`` / ``batch["labels"]``, unshifted, warning on sequence logits (pass your
+            own for causal LMs, e.g. ``per_sample_loss(logits, batch["labels"], shift=True)``).
         mask_fn: ``batch -> (b, T) mask or None`` for UDS; default ``batch["attention_mask"]``.
         holdout_model: the irreducible-loss model RHO-LOSS needs (frozen, moved to the device).
         eval_mode: score with the module in eval mode (no dropout: deterministic scores, equal
@@ -204,7 +222,7 @@ class OnlineBatchSelection(pl.Callback):
 
     def keep_fraction(self, kept: int, candidates: int) -> None:
         """Keep ``⌊n · kept / candidates⌋`` (at least 1) of each batch of ``n`` candidates
-        instead of the selector's fixed ``k``: set by ``callbacks.AdaptiveBatchSize`` so that the
+        instead of the selector's fixed ``k``: set by ``adaptive.callbacks.AdaptiveBatchSize`` so that the
         kept batch grows with the candidate pool. The selector's ``k`` follows each batch."""
         if kept < 1 or candidates < kept:
             raise ValueError(f"keep_fraction({kept}, {candidates}) must keep 1..all candidates")

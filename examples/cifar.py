@@ -29,9 +29,9 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from adaptive.callbacks.adaptive_batch_size import AdaptiveBatchSize
+from adaptive.callbacks.sample_clock import SampleClock
 from adaptive.schedules import WSDScheduler
-from callbacks.adaptive_batch_size import AdaptiveBatchSize
-from callbacks.sample_clock import SampleClock
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

@@ -64,12 +64,12 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
 
+from adaptive.callbacks.adaptive_batch_size import AdaptiveBatchSize
+from adaptive.callbacks.online_batch_selection import OnlineBatchSelection
+from adaptive.callbacks.sample_clock import SampleClock
 from adaptive.optim import Lamb, Lars, param_groups_for
 from adaptive.schedules import PowerScheduler, WSDScheduler
 from adaptive.selection import HighLossSelector, UDSSelector
-from callbacks.adaptive_batch_size import AdaptiveBatchSize
-from callbacks.online_batch_selection import OnlineBatchSelection
-from callbacks.sample_clock import SampleClock
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

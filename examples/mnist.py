@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from adaptive.callbacks.adaptive_batch_size import AdaptiveBatchSize
 from adaptive.models import small_cnn
 from adaptive.optim import AdaGradNorm
-from callbacks.adaptive_batch_size import AdaptiveBatchSize
 
 
 def logistic_regression(num_classes: int = 10) -> nn.Module:

@@ -57,7 +57,10 @@ class UDSSelector:
 
     Args:
         k: samples kept per candidate batch (all of them if fewer arrive).
-        alpha: weight ``α ≥ 0`` of the standardised diversity (0: utility only).
+        alpha: weight ``α ≥ 0`` of the standardised diversity (0: utility only). Default 1.0:
+            both terms are z-scores over the candidates, so α = 1 weighs one standard deviation
+            of diversity as much as one of utility whatever the model and the logits' scale.
+            (The paper's α ∈ [1.5e-3, 2.5e-3] weighs *raw* scores and does not transfer here.)
         memory_size: FIFO capacity ``|M|`` in selected samples (1024 in the paper's script).
         projection_dim: ``(r₁, r₂)`` rows × columns of the sketch (8 × 128 = 1024-d in the
             reference); capped at the matrix size (so classifier logits give ``1 × min(r₂, C)``).
@@ -89,7 +92,7 @@ class UDSSelector:
     def __init__(
         self,
         k: int,
-        alpha: float,
+        alpha: float = 1.0,
         memory_size: int = 1024,
         projection_dim: tuple[int, int] = (8, 128),
         max_length: int = 512,

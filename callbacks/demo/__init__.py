@@ -5,7 +5,7 @@ prints test accuracy, optimizer steps, samples seen and wall time, and plots the
 A method joins the demo by adding a :class:`RunConfig` to :data:`RUNS`.
 """
 
-from callbacks.demo.runs import RUNS, RunConfig, RunContext
-from callbacks.demo.train import RunResult, train_run
+from adaptive.callbacks.demo.runs import RUNS, RunConfig, RunContext
+from adaptive.callbacks.demo.train import RunResult, train_run
 
 __all__ = ["RUNS", "RunConfig", "RunContext", "RunResult", "train_run"]

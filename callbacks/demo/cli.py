@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
+from adaptive.callbacks.demo.report import format_table, write_results
+from adaptive.callbacks.demo.runs import RUNS
+from adaptive.callbacks.demo.train import train_run, warm_up
 from adaptive.data import DataNotFoundError, fashion_mnist
-from callbacks.demo.report import format_table, write_results
-from callbacks.demo.runs import RUNS
-from callbacks.demo.train import train_run, warm_up
 
 
 def _run_names(text: str) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from callbacks.demo.train import RunResult
+from adaptive.callbacks.demo.train import RunResult
 
 COLUMNS = (
     ("run", "name", "{}"),

@@ -87,13 +87,13 @@ def _power_schedule(opt: torch.optim.Optimizer, ctx: RunContext) -> dict[str, An
 
 
 def _sample_clock(ctx: RunContext) -> list[L.Callback]:
-    from callbacks.sample_clock import SampleClock
+    from adaptive.callbacks.sample_clock import SampleClock
 
     return [SampleClock()]
 
 
 def _norm_test_growth(ctx: RunContext) -> list[L.Callback]:
-    from callbacks.adaptive_batch_size import AdaptiveBatchSize
+    from adaptive.callbacks.adaptive_batch_size import AdaptiveBatchSize
 
     # the settings that matched fixed batch 32 in a third of its steps on 3 epochs
     # (benchmarks/results/adaptive_batch.md): lr grown with the batch, batch capped at 128

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from adaptive.callbacks.demo.module import ImageClassifier
+from adaptive.callbacks.demo.recorder import CurveRecorder
+from adaptive.callbacks.demo.runs import RunConfig, RunContext
 from adaptive.models import small_cnn
-from callbacks.demo.module import ImageClassifier
-from callbacks.demo.recorder import CurveRecorder
-from callbacks.demo.runs import RunConfig, RunContext
 
 _NOT_IN_ROW = ("curves", "model")
 
@@ -96,7 +96,7 @@ def train_run(
 
 def warm_up(train: Dataset, test: Dataset) -> None:
     """A two-step throwaway fit, so one-time start-up costs do not land in the first run's time."""
-    from callbacks.demo.runs import RUNS
+    from adaptive.callbacks.demo.runs import RUNS
 
     config = next(iter(RUNS.values()))
     L.seed_everything(0, verbose=False)

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.gradient_statistics import GradientStatisticsLogger
+from adaptive.callbacks.gradient_statistics import GradientStatisticsLogger
 
 
 def make_net() -> nn.Module:

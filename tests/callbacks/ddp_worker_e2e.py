@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from adaptive.callbacks import AdaptiveBatchSize, DynamicMixture, OnlineBatchSelection, SampleClock
 from adaptive.mixture import DoReMi, MixtureDataset, MixtureSampler
 from adaptive.schedules import PowerScheduler
 from adaptive.selection import HighLossSelector, UDSSelector, per_sample_loss
-from callbacks import AdaptiveBatchSize, DynamicMixture, OnlineBatchSelection, SampleClock
 
 FEATURES, CLASSES, N = 8, 4, 192
 GLOBAL_MICRO = 8  # global (super-)batch of one micro step at the start

@@ -15,7 +15,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from adaptive.batching import AdaptiveBatchSampler
-from callbacks.adaptive_batch_size import AdaptiveBatchSize
+from adaptive.callbacks.adaptive_batch_size import AdaptiveBatchSize
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LitLogger.*")
@@ -333,7 +333,7 @@ class _Clocked(Net):
 
 
 def test_sample_clocked_schedule_sees_the_true_samples_and_the_scaling():
-    from callbacks.sample_clock import SampleClock
+    from adaptive.callbacks.sample_clock import SampleClock
 
     cb = AdaptiveBatchSize(test="norm", eta=0.3, max_batch_size=64, interval=1, lr_scaling="sqrt")
     trainer = _trainer([cb, SampleClock()])

@@ -147,8 +147,8 @@ def test_adaptive_batch_refuses_the_mixture_sampler_by_name():
     spec = importlib.util.spec_from_file_location("ddp_worker_e2e", WORKER)
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
+    from adaptive.callbacks import AdaptiveBatchSize, DynamicMixture
     from adaptive.mixture import DoReMi
-    from callbacks import AdaptiveBatchSize, DynamicMixture
 
     module = worker.Net("mixture", 8)
     mix = DynamicMixture(DoReMi(3), update_every=2, log=False)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from adaptive.callbacks.dynamic_mixture import DynamicMixture
 from adaptive.mixture import DoReMi, Exp3Mixture, GroupInfluence, MixtureDataset, MixtureSampler
-from callbacks.dynamic_mixture import DynamicMixture
 
 NAMES = ["near", "far", "opposite"]
 
@@ -193,7 +193,7 @@ DDP_SCRIPT = textwrap.dedent(
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
     from adaptive.mixture import Exp3Mixture, MixtureDataset, MixtureSampler
-    from callbacks.dynamic_mixture import DynamicMixture
+    from adaptive.callbacks.dynamic_mixture import DynamicMixture
 
     OUT = sys.argv[1]
 

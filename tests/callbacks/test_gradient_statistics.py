@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from adaptive.callbacks.gradient_statistics import GradientStatisticsLogger
 from adaptive.stats import per_sample_gradients, reference_statistics
-from callbacks.gradient_statistics import GradientStatisticsLogger
 
 BATCH, ACCUM, EVERY = 4, 2, 2
 

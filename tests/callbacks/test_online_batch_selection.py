@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from adaptive.callbacks.online_batch_selection import OnlineBatchSelection
 from adaptive.selection import (
     HighLossSelector,
     RhoLossSelector,
@@ -30,7 +31,6 @@ from adaptive.selection import (
     UniformSelector,
     per_sample_loss,
 )
-from callbacks.online_batch_selection import OnlineBatchSelection
 
 LR = 0.5
 Pair = namedtuple("Pair", ["x", "y"])
@@ -218,7 +218,7 @@ def test_later_hooks_and_sample_clock_count_trained_samples():
     _fit("tensor", selection, extra=[counter])
     assert counter.count == selection.samples_trained == 18
     schedules = pytest.importorskip("adaptive.schedules", reason="sample-clocked schedules absent")
-    sample_clock = pytest.importorskip("callbacks.sample_clock", reason="SampleClock absent")
+    sample_clock = pytest.importorskip("adaptive.callbacks.sample_clock", reason="SampleClock absent")
 
     class Flat(schedules.SampleClockedScheduler):
         def multiplier(self, tokens, batch_samples):
@@ -269,7 +269,7 @@ import sys, torch, lightning.pytorch as pl
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from adaptive.selection import UDSSelector
-from callbacks.online_batch_selection import OnlineBatchSelection
+from adaptive.callbacks.online_batch_selection import OnlineBatchSelection
 
 out = sys.argv[1]
 

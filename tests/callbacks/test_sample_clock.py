@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from adaptive.callbacks.sample_clock import SampleClock
 from adaptive.schedules import PowerScheduler, WSDScheduler
-from callbacks.sample_clock import SampleClock
 
 TOKENS_PER_SAMPLE = 7
 A, B, LR_MAX = 0.05, -0.5, 0.5

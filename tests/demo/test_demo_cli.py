@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
+from adaptive.callbacks.demo import RUNS, RunConfig, train_run
+from adaptive.callbacks.demo.cli import main
+from adaptive.callbacks.demo.report import format_table
 from adaptive.data import fashion_mnist
-from callbacks.demo import RUNS, RunConfig, train_run
-from callbacks.demo.cli import main
-from callbacks.demo.report import format_table
 
 
 @pytest.fixture(scope="module")
