@@ -117,6 +117,71 @@ def seq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
+class _Bf16(nn.Module):
+    """Runs the wrapped model under bf16 autocast on CUDA (float32 elsewhere); float32 logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            return self.model(x).float()
+
+
+class _DecoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, _ = h.shape
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+        q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.proj(att.transpose(1, 2).reshape(b, t, -1))
+        return h + self.fc2(F.gelu(self.fc1(self.ln2(h))))
+
+
+class Decoder(nn.Module):
+    """A GPT-2-shaped decoder from the sensor's layers (Embedding, LayerNorm, Linear; HF's GPT-2
+    uses its own Conv1D): token and position embeddings, pre-norm blocks, an untied head."""
+
+    def __init__(self, vocab: int, dim: int, heads: int, layers: int, seq: int) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(seq, dim)
+        self.blocks = nn.Sequential(*(_DecoderBlock(dim, heads) for _ in range(layers)))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        positions = torch.arange(t, device=ids.device).expand(b, t)  # per sample: axis 0 = batch
+        return self.head(self.ln(self.blocks(self.tok(ids) + self.pos(positions))))
+
+
+# name -> (vocab, dim, heads, layers, sequence)
+GPT2_SHAPES = {"gpt2s": (50257, 768, 12, 12, 1024), "gpt2s-tiny": (128, 32, 2, 2, 16)}
+
+
+def vit(tiny: bool) -> nn.Module:
+    """timm's ViT-B/16 (224², 1000 classes), or a 2-block width-32 one on 32² for dry runs. The
+    class token and position embedding are parameters of the top module, which has no
+    per-sample rule: they are frozen (for every method alike)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if tiny:
+        m = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2)
+    else:
+        m = VisionTransformer(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    m.cls_token.requires_grad_(False)
+    m.pos_embed.requires_grad_(False)
+    return m
+
+
 def make_case(name: str, batch: int, device: torch.device):
     g = torch.Generator().manual_seed(0)
     if name == "cnn":
@@ -131,6 +196,25 @@ def make_case(name: str, batch: int, device: torch.device):
         x = torch.randn(batch, 3, 32, 32, generator=g)
         y = torch.randint(0, 10, (batch,), generator=g)
         return resnet18_gn, F.cross_entropy, x.to(device), y.to(device)
+    if name == "resnet18gn-tiny":
+        x = torch.randn(batch, 3, 16, 16, generator=g)
+        y = torch.randint(0, 10, (batch,), generator=g)
+        return resnet18_gn, F.cross_entropy, x.to(device), y.to(device)
+    if name in GPT2_SHAPES:
+        vocab, dim, heads, layers, seq = GPT2_SHAPES[name]
+        x = torch.randint(0, vocab, (batch, seq), generator=g)
+        y = torch.randint(0, vocab, (batch, seq), generator=g)
+
+        def gpt2() -> nn.Module:
+            return _Bf16(Decoder(vocab, dim, heads, layers, seq))
+
+        return gpt2, seq_loss, x.to(device), y.to(device)
+    if name in ("vitb16", "vitb16-tiny"):
+        tiny = name.endswith("tiny")
+        size = 32 if tiny else 224
+        x = torch.randn(batch, 3, size, size, generator=g)
+        y = torch.randint(0, 1000, (batch,), generator=g)
+        return (lambda: vit(tiny)), F.cross_entropy, x.to(device), y.to(device)
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -348,6 +432,9 @@ def run(args: argparse.Namespace) -> dict:
     for name, batch in zip(args.models, args.batches, strict=True):
         factory, loss_fn, x, y = make_case(name, batch, device)
         methods = build_methods(factory, loss_fn, x, y, device)
+        if args.methods:  # plain (the reference) and ours_norms (the plan) always run
+            keep = {"plain", "ours_norms", *args.methods}
+            methods = {k: f for k, f in methods.items() if k in keep}
         for fn in methods.values():
             for _ in range(args.warmup):
                 fn()
@@ -510,6 +597,12 @@ def main() -> None:
         action="store_true",
         help="glibc keeps freed memory (mallopt) for every method: no page-fault lottery",
     )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="only these methods (plain and ours_norms always run); default: all",
+    )
     p.add_argument("--note", default="", help="free text stored with the results")
     p.add_argument(
         "--isa",
@@ -520,7 +613,7 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "stats_overhead"), help="path without suffix")
     args = p.parse_args()
     reexec_with_isa(args.isa)
-    defaults = {"cnn": 128, "block": 32, "resnet18gn": 256}
+    defaults = {"cnn": 128, "block": 32, "resnet18gn": 256, "gpt2s": 8, "vitb16": 128}
     if args.batches is None:
         args.batches = [defaults[m] for m in args.models]
     if len(args.batches) != len(args.models):
