@@ -13,7 +13,9 @@ A Linear layer on sequences or a convolution can be handled three ways, with the
 Which is fastest depends on the shape, the thread count and the machine (a kernel tuned on an
 AVX-512 CPU lost 3-5x to torch on an AVX2 one), so on CPU the sensor does not guess: the first
 time a shape is seen it runs every candidate on the real operands (one warm-up, then the best of
-``repeats`` interleaved timings), keeps the fastest for the process, and uses it from then on.
+``repeats`` interleaved timings) and keeps the fastest for the process; it measures again at the
+shape's 16th and 256th call, each path keeping its best time, so that a first measurement on a
+busy machine does not decide for the whole run.
 On CUDA nothing is timed (timing needs a host synchronisation): the layer rule's cost model
 (``materialising_pays``) decides. ``GradientStatistics(paths={layer: path})`` overrides the
 choice per layer, and ``GradientStatistics.plan()`` shows every choice with its reason.
@@ -35,11 +37,17 @@ PATHS = ("native", "materialise", "torch")
 # What was measured in this process: shape key -> {path: seconds}. Shared by every sensor, so
 # a second GradientStatistics on the same model measures nothing again.
 _MEASURED: dict[tuple, dict[str, float]] = {}
+# Calls per key; at these counts the key is measured again and each path keeps its best time,
+# so one measurement taken while the machine was busy (the first step, data workers starting)
+# does not decide for the whole run.
+_USES: dict[tuple, int] = {}
+REMEASURE_AT = (16, 256)
 
 
 def clear_cache() -> None:
     """Forget every measurement (the next capture of each shape measures again)."""
     _MEASURED.clear()
+    _USES.clear()
 
 
 def fastest(timings: Mapping[str, float]) -> str:
@@ -159,7 +167,8 @@ class PathPlanner:
             return entry(candidates[0], "cost model (nothing is timed off the CPU)"), None
         key = self.key(module, a, options)
         timings = {p: t for p, t in _MEASURED.get(key, {}).items() if p in candidates}
-        if set(timings) != set(candidates):
+        uses = _USES[key] = _USES.get(key, 0) + 1
+        if set(timings) != set(candidates) or uses in REMEASURE_AT:
             return "measure", key
         return entry(fastest(timings), "measured", timings), None
 
@@ -180,7 +189,9 @@ class PathPlanner:
                 t0 = self.timer()
                 results[p] = run()
                 best[p] = min(best[p], self.timer() - t0)
-        _MEASURED[key] = best
+        before = _MEASURED.get(key, {})
+        best = {p: min(t, before.get(p, t)) for p, t in best.items()}
+        _MEASURED[key] = {**before, **best}
         path = fastest(best)
         ms = {p: t * 1e3 for p, t in best.items()}
         self.entries[name] = PlanEntry(

@@ -81,6 +81,24 @@ def test_measure_picks_the_fastest_and_caches_it():
     assert other.choose("fc2", layer, a, ("native", "torch"), ())[0] == "torch"
 
 
+def test_measured_again_later_each_path_keeping_its_best_time():
+    clock = Clock({"native": 5e-3, "torch": 3e-3})
+    plan = PathPlanner(timer=clock, repeats=1)
+    layer, a = torch.nn.Linear(4, 6), torch.zeros(2, 3, 4)
+    runs = {p: clock.run(p) for p in ("native", "torch")}
+    calls, measured = 0, []
+    for _ in range(planner.REMEASURE_AT[0] + 2):
+        calls += 1
+        path, key = plan.choose("fc", layer, a, ("native", "torch"), ())
+        if path == "measure":
+            measured.append(calls)
+            plan.measure("fc", layer, a, key, runs)
+            clock.costs = {"native": 1e-3, "torch": 4e-3}  # the machine was busy the first time
+    assert measured == [1, planner.REMEASURE_AT[0]]
+    assert plan.plan()[0].path == "native"
+    assert plan.plan()[0].timings_ms == pytest.approx({"native": 1.0, "torch": 3.0})
+
+
 def test_off_the_cpu_the_cost_model_decides_without_timing():
     plan = PathPlanner(timer=lambda: pytest.fail("timed off the CPU"))
     layer, a = torch.nn.Linear(4, 6), torch.zeros(2, 3, 4, device="meta")
