@@ -1,0 +1,376 @@
+"""Conformance: the sensor on the models people train, unmodified, against torch.func.
+
+Tiny randomly initialised instances (CPU, float32) of transformers Llama (tied and untied), Qwen2,
+GPT-2 and BERT, timm ViT and ConvNeXt, torchvision ResNet-18 and MobileNetV3 (eval mode) and
+VisionTransformer, ``nn.TransformerEncoder``, a model that applies one Linear twice, and a padded
+language-model batch whose ignored tokens (label -100) carry no gradient. HF models are called
+with keyword tensors (``model(**batch)``). Every statistic of the contract (per-sample norms,
+``‖ḡ‖²``, variance, noise scale, inner-product and orthogonality variances, per-coordinate sums,
+mean gradients, per-group sums with a target) is checked to 1e-4 relative against per-sample
+gradients of the whole model by ``torch.func`` (``functional_call`` + ``vmap(grad)``).
+
+The loss convention: each sample's loss is the sum of its token (or image) losses divided by a
+fixed count, so the batch loss is the mean of the per-sample losses (``loss_reduction="mean"``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from adaptive.stats import GradientStatistics, reference_statistics
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
+    pytest.mark.filterwarnings("ignore:GradientStatistics. no per-sample rule:UserWarning"),
+]
+
+B = 4
+RTOL = 1e-4
+
+
+def _lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Σ over a sample's next-token predictions of the cross-entropy / T (ignores -100)."""
+    v = logits.shape[-1]
+    per = F.cross_entropy(
+        logits[:, :-1].reshape(-1, v).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    )
+    return per.reshape(labels.shape[0], -1).sum(1) / labels.shape[1]
+
+
+def _hf_lm(config_cls, model_cls, tie: bool, pad: bool = False, **extra):
+    def build():
+        cfg = config_cls(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=tie,
+            attn_implementation="eager",
+            **extra,
+        )
+        model = model_cls(cfg)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 64, (B, 8), generator=g)
+        ids[:, :2] = ids[:, 2:4]  # repeated tokens within a sample
+        mask = torch.ones_like(ids)
+        labels = ids.clone()
+        if pad:
+            mask[0, 5:] = 0
+            mask[2, 3:] = 0
+            labels[mask == 0] = -100
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return model, batch, lambda out, bt: _lm_loss(out.logits, bt["labels"])
+
+    return build
+
+
+def llama(tie: bool, pad: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _hf_lm(LlamaConfig, LlamaForCausalLM, tie, pad)
+
+
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _hf_lm(Qwen2Config, Qwen2ForCausalLM, tie=False)
+
+
+def gpt2():
+    def build():
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(
+            vocab_size=64,
+            n_positions=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            attn_implementation="eager",
+        )
+        model = GPT2LMHeadModel(cfg)
+        g = torch.Generator().manual_seed(2)
+        ids = torch.randint(0, 64, (B, 8), generator=g)
+        batch = {"input_ids": ids, "labels": ids}
+        return model, batch, lambda out, bt: _lm_loss(out.logits, bt["labels"])
+
+    return build
+
+
+def bert():
+    def build():
+        from transformers import BertConfig, BertForSequenceClassification
+
+        cfg = BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=3,
+            attn_implementation="eager",
+        )
+        model = BertForSequenceClassification(cfg)
+        g = torch.Generator().manual_seed(3)
+        ids = torch.randint(0, 64, (B, 8), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 6:] = 0
+        batch = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "token_type_ids": (torch.arange(8) >= 4).long().expand(B, 8).clone(),
+            "labels": torch.randint(0, 3, (B,), generator=g),
+        }
+        return (
+            model,
+            batch,
+            lambda out, bt: F.cross_entropy(out.logits, bt["labels"], reduction="none"),
+        )
+
+    return build
+
+
+def _image(model_fn, size: int = 32, classes: int = 5, eval_mode: bool = False):
+    def build():
+        model = model_fn()
+        if eval_mode:
+            model.eval()
+            with torch.no_grad():  # running statistics that are not the defaults
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.running_mean.uniform_(-0.3, 0.3)
+                        m.running_var.uniform_(0.5, 1.5)
+        g = torch.Generator().manual_seed(4)
+        batch = {
+            # samples of different scales: inner products that differ well beyond float32
+            # rounding (their variance is a difference of nearly equal sums otherwise)
+            "x": torch.randn(B, 3, size, size, generator=g)
+            * torch.linspace(0.5, 2, B)[:, None, None, None],
+            "y": torch.randint(0, classes, (B,), generator=g),
+        }
+        return model, batch, lambda out, bt: F.cross_entropy(out, bt["y"], reduction="none")
+
+    return build
+
+
+def timm_vit():
+    import timm
+
+    return _image(
+        lambda: timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            num_classes=5,
+            init_values=0.1,  # layer scale: gammas owned by LayerScale modules
+        )
+    )
+
+
+def timm_convnext():
+    import timm
+
+    return _image(
+        lambda: timm.create_model(
+            "convnext_atto",
+            pretrained=False,
+            num_classes=5,
+            dims=(8, 16, 24, 32),
+            depths=(1, 1, 1, 1),
+        )
+    )
+
+
+def tv_resnet18():
+    from torchvision.models import resnet18
+
+    return _image(lambda: resnet18(num_classes=5), eval_mode=True)
+
+
+def tv_mobilenet_v3():
+    from torchvision.models import mobilenet_v3_small
+
+    def build():
+        model = mobilenet_v3_small(num_classes=5, dropout=0.0)
+        for m in model.classifier:  # torchvision's N(0, 0.01) head makes every sample's
+            if isinstance(m, nn.Linear):  # gradient nearly the same (an ill-conditioned variance)
+                nn.init.normal_(m.weight, std=0.3)
+        return model
+
+    return _image(build, eval_mode=True)
+
+
+def tv_vit():
+    from torchvision.models import VisionTransformer
+
+    return _image(
+        lambda: VisionTransformer(
+            image_size=32,
+            patch_size=8,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=32,
+            mlp_dim=64,
+            num_classes=5,
+        )
+    )
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.enc(x).mean(1))
+
+
+def encoder():
+    def build():
+        g = torch.Generator().manual_seed(5)
+        batch = {
+            "x": torch.randn(B, 6, 16, generator=g),
+            "y": torch.randint(0, 3, (B,), generator=g),
+        }
+        return _Encoder(), batch, lambda out, bt: F.cross_entropy(out, bt["y"], reduction="none")
+
+    return build
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.shared = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.shared(torch.tanh(self.shared(torch.tanh(self.inp(x))))))
+
+
+def twice():
+    def build():
+        g = torch.Generator().manual_seed(6)
+        batch = {
+            "x": torch.randn(B, 5, 6, generator=g),
+            "y": torch.randint(0, 3, (B,), generator=g),
+        }
+        return (
+            _Twice(),
+            batch,
+            lambda out, bt: F.cross_entropy(out.mean(1), bt["y"], reduction="none"),
+        )
+
+    return build
+
+
+MODELS: dict[str, Callable] = {
+    "llama_untied": lambda: llama(tie=False),
+    "llama_tied": lambda: llama(tie=True),
+    "llama_padded": lambda: llama(tie=True, pad=True),
+    "qwen2": qwen2,
+    "gpt2": gpt2,
+    "bert": bert,
+    "timm_vit": timm_vit,
+    "timm_convnext": timm_convnext,
+    "tv_resnet18_eval": tv_resnet18,
+    "tv_mobilenet_v3_eval": tv_mobilenet_v3,
+    "tv_vit": tv_vit,
+    "transformer_encoder": encoder,
+    "linear_twice": twice,
+}
+
+
+def _call(model: nn.Module, batch: dict[str, Tensor]):
+    if "x" in batch:
+        return model(batch["x"])
+    return model(**batch)
+
+
+def reference(model, batch, loss) -> dict[str, Tensor]:
+    """Per-sample gradients of the whole model by torch.func: ``vmap(grad)`` of one sample's loss."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def one(p, sample):
+        sample = {k: v.unsqueeze(0) for k, v in sample.items()}
+        out = functional_call(model, p, (), {"x": sample["x"]} if "x" in sample else sample)
+        return loss(out, sample)[0]
+
+    try:
+        return vmap(grad(one), in_dims=(None, 0))(params, batch)
+    except RuntimeError as err:  # data-dependent control flow (BERT's mask checks): one by one
+        if "vmap" not in str(err):
+            raise
+    per = [grad(one)(params, {k: v[i] for k, v in batch.items()}) for i in range(B)]
+    return {k: torch.stack([p[k] for p in per]) for k in params}
+
+
+def close(got: Tensor, want: Tensor, what: str) -> None:
+    got, want = got.double().cpu(), want.double().cpu()
+    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    assert err <= RTOL, f"{what}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_statistic_matches_torch_func(name):
+    torch.manual_seed(0)
+    model, batch, loss = MODELS[name]()()
+    groups = torch.tensor([0, 1, 1, 0])
+    # ResNet-18's 20 convolution shapes would each be timed on every path at the first capture
+    # (adaptive.stats.planner: 60 s here); every path gives the same numbers, so take one
+    paths = "torch" if name == "tv_resnet18_eval" else None
+    stats = GradientStatistics(model, per_coordinate=True, num_groups=2, paths=paths)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(7)
+    target = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+    stats.set_target(target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_grads = reference(model, batch, loss)
+    with stats.capture(group_ids=groups):
+        loss(_call(model, batch), batch).mean().backward()
+    s = stats.result()
+    ref = reference_statistics(ref_grads, target=target, group_ids=groups, num_groups=2)
+    close(s.per_sample_sq_norms, ref["per_sample_sq_norms"], "per_sample_sq_norms")
+    for key in (
+        "sum_sq_norms",
+        "grad_sq_norm",
+        "variance",
+        "noise_scale",
+        "inner_product_variance",
+        "orthogonality_variance",
+        "group_sum_sq_norms",
+        "group_grad_dots",
+    ):
+        close(getattr(s, key), ref[key], key)
+    assert sorted(s.coordinate_sq_sums) == sorted(names)
+    # per coordinate, over all parameters at once (a parameter whose gradient is zero in exact
+    # arithmetic, such as an attention key bias, is compared at the scale of the others)
+    for key in ("coordinate_sq_sums", "mean_grads"):
+        got = torch.cat([getattr(s, key)[n].reshape(-1) for n in names])
+        close(got, torch.cat([ref[key][n].reshape(-1) for n in names]), key)
