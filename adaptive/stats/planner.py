@@ -23,6 +23,7 @@ choice per layer, and ``GradientStatistics.plan()`` shows every choice with its 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 __all__ = ["PATHS", "PathPlanner", "PlanEntry", "clear_cache", "fastest"]
 
 PATHS = ("native", "materialise", "torch")
+_log = logging.getLogger(__name__)
 
 # What was measured in this process: shape key -> {path: seconds}. Shared by every sensor, so
 # a second GradientStatistics on the same model measures nothing again.
@@ -148,7 +150,7 @@ class PathPlanner:
 
         def entry(path: str, reason: str, timings: Mapping[str, float] | None = None) -> str:
             ms = {p: t * 1e3 for p, t in (timings or {}).items()}
-            self.entries[name] = PlanEntry(name, kind, shape, threads, path, reason, candidates, ms)
+            self._record(PlanEntry(name, kind, shape, threads, path, reason, candidates, ms))
             return path
 
         wanted = self.overrides.get(name)
@@ -194,17 +196,27 @@ class PathPlanner:
         _MEASURED[key] = {**before, **best}
         path = fastest(best)
         ms = {p: t * 1e3 for p, t in best.items()}
-        self.entries[name] = PlanEntry(
-            name,
-            type(module).__name__,
-            tuple(a.shape),
-            torch.get_num_threads(),
-            path,
-            "measured",
-            tuple(runs),
-            ms,
+        self._record(
+            PlanEntry(
+                name,
+                type(module).__name__,
+                tuple(a.shape),
+                torch.get_num_threads(),
+                path,
+                "measured",
+                tuple(runs),
+                ms,
+            )
         )
         return path, results[path]
+
+    def _record(self, entry: PlanEntry) -> None:
+        """Keep a layer's latest choice; log it (``adaptive.stats.planner``, debug) when it is
+        new or changed."""
+        before = self.entries.get(entry.layer)
+        if before is None or (before.path, before.input_shape) != (entry.path, entry.input_shape):
+            _log.debug("%s", entry)
+        self.entries[entry.layer] = entry
 
     def plan(self) -> list[PlanEntry]:
         return list(self.entries.values())

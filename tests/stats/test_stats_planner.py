@@ -207,14 +207,18 @@ def test_the_sensor_runs_the_path_measured_fastest(models, monkeypatch, winner):
     _check(model, loss_fn, x, y, results, reference)
 
 
-def test_plan_is_readable(models):
+def test_plan_is_readable_and_logged(models, caplog):
     make_model, data_for = models
     model, loss_fn = make_model("block")
     stats = GradientStatistics(model, paths={"fc1": "torch"})
     x, y = data_for("block", 3)
-    with stats.capture():
-        loss_fn(model(x), y).backward()
+    with caplog.at_level("DEBUG", logger="adaptive.stats.planner"):
+        for _ in range(2):
+            with stats.capture():
+                loss_fn(model(x), y).backward()
     lines = {e.layer: str(e) for e in stats.plan()}
+    # each choice logged once (the second step changes nothing)
+    assert sorted(r.getMessage() for r in caplog.records) == sorted(lines.values())
     assert lines["fc1"].startswith("fc1 (Linear [3, 16, 16], ")
     assert "torch [override]" in lines["fc1"]
     assert "measured; " in lines["fc2"] and " ms" in lines["fc2"]
