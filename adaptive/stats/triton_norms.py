@@ -49,6 +49,7 @@ __all__ = [
     "conv_operands",
     "gram_pays",
     "layer_sq_norms",
+    "layer_sums_and_sq_norms",
     "linear_operands",
     "sq_norms",
     "sums_and_sq_norms",
@@ -298,3 +299,35 @@ def layer_sq_norms(module: nn.Module, a: Tensor, d: Tensor, names: frozenset[str
             else x.new_zeros(x.shape[0], dtype=torch.float32)
         )
     return out.view(b, g).sum(1) if g > 1 else out
+
+
+def layer_sums_and_sq_norms(
+    module: nn.Module,
+    a: Tensor,
+    d: Tensor,
+    names: frozenset[str],
+    coordinates: bool = False,
+) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor] | None] | None:
+    """A Linear or ``groups == 1`` Conv layer's ``(Σ_i g_i per parameter, Σ_p ‖g_i‖² (b,),
+    Σ_i g_i² per parameter or None)`` from one pass of :func:`sums_and_sq_norms` (the weight's
+    per-sample gradients never leave registers): the contract of
+    :meth:`adaptive.stats.layers.LayerRule.native_sums`, for its CUDA branch. None where it does
+    not apply (no ``weight`` in ``names``, grouped convolutions)."""
+    if "weight" not in names:
+        return None
+    if isinstance(module, nn.Linear):
+        x, dd = linear_operands(a, d)
+    elif isinstance(module, nn.Conv1d | nn.Conv2d) and module.groups == 1:
+        x, dd, _ = conv_operands(module, a, d)
+    else:
+        return None
+    s, sq, q = sums_and_sq_norms(x, dd, coordinates=coordinates)
+    sums = {"weight": s.view(module.weight.shape)}
+    coords = None if q is None else {"weight": q.view(module.weight.shape)}
+    if "bias" in names and getattr(module, "bias", None) is not None:
+        per = dd.sum(1, dtype=torch.float32)  # per-sample bias gradients (b, O)
+        sums["bias"] = per.sum(0)
+        sq = sq + per.square().sum(1)
+        if coords is not None:
+            coords["bias"] = per.square().sum(0)
+    return sums, sq, coords

@@ -57,7 +57,7 @@ def run_interpreted_child(path: str, minimum: int) -> None:
 
 
 def test_interpreted_kernels():
-    run_interpreted_child(__file__, minimum=30)
+    run_interpreted_child(__file__, minimum=34)
 
 
 @pytest.fixture
@@ -207,6 +207,40 @@ def _layer_case(module: nn.Module, x: torch.Tensor) -> None:
 def test_layer_sq_norms_match_torch_func(interpret, module, shape):
     torch.manual_seed(0)
     _layer_case(module, torch.randn(shape))
+
+
+@pytest.mark.parametrize(
+    "module,shape",
+    [
+        (nn.Linear(12, 10), (3, 5, 12)),
+        (nn.Linear(7, 40, bias=False), (2, 3, 7)),
+        (nn.Conv2d(3, 5, 3, stride=2, padding=1), (2, 3, 7, 7)),
+        (nn.Conv1d(2, 4, 3, dilation=2, padding=2, padding_mode="reflect"), (3, 2, 9)),
+    ],
+)
+def test_layer_sums_match_torch_func(interpret, module, shape):
+    """The fused contract (the CPU kernel's ``native_sums``): batch gradient, norms and
+    per-coordinate squares of every parameter from one pass."""
+    torch.manual_seed(1)
+    x = torch.randn(shape)
+    out = module(x)
+    d = torch.randn_like(out)
+    ref = per_sample_gradients(module, lambda y, t: (y * t).sum(), x, d)
+    names = frozenset(n for n, _ in module.named_parameters())
+    got = tn.layer_sums_and_sq_norms(module, x, d, names, coordinates=True)
+    assert got is not None
+    sums, sq, coords = got
+    assert set(sums) == set(coords) == names
+    want_sq = sum(g.double().flatten(1).square().sum(1) for g in ref.values())
+    assert _rel(sq, want_sq) < 1e-5
+    for n in names:
+        assert sums[n].shape == ref[n].shape[1:]
+        assert _rel(sums[n], ref[n].sum(0)) < 1e-5
+        assert _rel(coords[n], ref[n].square().sum(0)) < 1e-5
+    assert tn.layer_sums_and_sq_norms(module, x, d, frozenset({"bias"})) is None
+    grouped = nn.Conv2d(4, 4, 3, groups=2)
+    z = torch.randn(2, 4, 5, 5)
+    assert tn.layer_sums_and_sq_norms(grouped, z, grouped(z), names) is None
 
 
 @pytest.mark.parametrize("kind", ["cnn", "conv1d", "block"])
