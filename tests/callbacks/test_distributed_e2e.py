@@ -76,21 +76,29 @@ def _same_params(a: dict, b: dict, rtol: float = 0.0, atol: float = 0.0) -> None
 def test_growth_and_selection_agree_across_ranks(runs):
     r0, r1 = runs("growth_selection", 0, 2), runs("growth_selection", 1, 2)
     assert r0["history"] == r1["history"] and len(r0["history"]) >= 3
+    # sizes count the kept samples (2 of each rank's 4 candidates at the start: 4 global)
     sizes = [h[0] for h in r0["history"]]
-    assert sizes[-1] > 8, "the batch never grew"
-    # min(b_max, ⌈max(b, b̂)⌉) in multiples of 8 = 2 ranks x the micro-batch capped at 4
+    assert sizes[0] == 4 and sizes[-1] > 8, "the batch never grew"
+    # min(b_max, ⌈max(b, b̂)⌉) in multiples of 2 ranks, then of 8 = 2 ranks x the kept
+    # micro-batch capped at 4 (max_micro_batch_size counts kept samples)
     for current, new, proposed in r0["history"]:
-        assert new == min(64, max(current, 8 * -(-proposed // 8)))
+        unit = 8 if current // 2 >= 4 else 2
+        request = min(64, max(current, unit * -(-proposed // unit)))
+        # past the cap the kept micro-batch stays 4 per rank and the accumulation grows
+        per_rank = request // 2
+        assert new == (request if per_rank <= 4 else min(64, 8 * -(-per_rank // 4)))
     assert r0["accumulation"] == r1["accumulation"] > 1
     # UDS memory: every rank pushed the kept sketches of both ranks, in rank order
     m0, m1 = r0["memory"], r1["memory"]
     assert m0["count"] == m1["count"] > 0 and m0["ptr"] == m1["ptr"]
     assert torch.equal(m0["memory"], m1["memory"])
-    # each rank kept 2 of its 4 candidates per micro-batch; the two ranks' picks are disjoint
+    # each rank kept half its candidates per micro-batch (2 of 4, growing with the pool to 4 of
+    # 8); the two ranks' picks are disjoint
     pairs = list(zip(r0["trained_ids"], r1["trained_ids"], strict=True))
-    assert all(len(a) == len(b) == 2 and not set(a) & set(b) for a, b in pairs)
-    micro = len(r0["trained_ids"])
-    assert r0["samples_trained"] == r1["samples_trained"] == 2 * 2 * micro
+    assert all(len(a) == len(b) and not set(a) & set(b) for a, b in pairs)
+    assert len(pairs[0][0]) == 2 and max(len(a) for a, _ in pairs) == 4
+    kept = sum(len(a) for a, _ in pairs)
+    assert r0["samples_trained"] == r1["samples_trained"] == 2 * kept
     assert r0["samples_scored"] == 2 * r0["samples_trained"]
     # the clock counts what was trained on, summed over ranks; both callbacks agree
     assert r0["clock"] == r1["clock"]
