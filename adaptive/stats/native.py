@@ -191,6 +191,11 @@ def _load() -> ctypes.CDLL | None:
         return _lib
     _tried = True
     wanted = os.environ.get(_ENV, "1")
+    if wanted not in ("0", "1", "", *TARGETS):
+        raise ValueError(
+            f"{_ENV}={wanted!r}: valid are 0 (off), 1 (the best build this CPU runs) or a "
+            f"build name: {', '.join(TARGETS)}"
+        )
     if wanted in TARGETS:
         _lib, _lib_target = _open(wanted), wanted
         return _lib

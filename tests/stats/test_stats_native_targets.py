@@ -127,6 +127,11 @@ def test_the_best_build_the_cpu_runs_is_loaded(monkeypatch):
     assert _fresh_choice(monkeypatch, avx512, env="0") is None
 
 
+def test_a_bad_environment_value_is_refused(monkeypatch):
+    with pytest.raises(ValueError, match=r"ADAPTIVE_NATIVE='yes': valid are 0 \(off\), 1"):
+        _fresh_choice(monkeypatch, frozenset(), env="yes")
+
+
 def test_unknown_target_names_the_valid_ones():
     with pytest.raises(ValueError, match="valid: avx512, avx2, generic"):
         native.supported("sve9")
