@@ -347,6 +347,7 @@ def test_lamb_step_under_torch_compile():
     assert (b[0].detach() - x0).abs().max() > 0.01
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_lamb_cuda_fast_equals_reference():
     g_fast, train_fast, all_fast = _mixed_groups()
