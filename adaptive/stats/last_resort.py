@@ -10,10 +10,10 @@ inputs saved by a forward hook and the output gradient ``δ = ∂ℓ/∂y`` seen
 
 which :func:`per_sample_grads` evaluates for every sample at once by ``vmap`` over the batch axis
 of ``x`` and ``δ`` of ``functional_call`` + ``vjp`` (only ``θ_R`` is differentiated; ``θ_c`` and
-the buffers are constants). It is exact for any computation that treats the samples of the batch
-independently; it costs about one more forward and backward of the module per step (batched by
-``vmap``, or looped where an operation has no batching rule), and ``b × |θ_R|`` memory for the
-per-sample gradients.
+the buffers are constants). It is exact for any computation that treats the samples of the
+batch independently; it costs about one more forward and backward of the module per step
+(batched by ``vmap``, or sample by sample where an operation has no batching rule, such as the
+fused kernels of recurrent layers), and ``b × |θ_R|`` memory for the per-sample gradients.
 
 Inputs whose axis 0 is 1 while the batch has more samples are read as broadcast over the batch
 (every sample sees the same tensor); any other axis 0 is refused. Random operations inside the
@@ -56,16 +56,18 @@ def _replay() -> Iterator[None]:
 
 class Tap(torch.autograd.Function):
     """Identity on a module's floating tensor outputs whose backward hands all their gradients
-    (zeros for outputs that got none) to a handler at once. The outputs are detached aliases
-    (not views), so in-place operations after the module stay legal."""
+    (None for outputs that got none, such as an LSTM's unused final state) to a handler at once.
+    The outputs are detached aliases (not views), so in-place operations after the module stay
+    legal."""
 
     @staticmethod
     def forward(ctx: Any, handler: Callable[[tuple[Tensor, ...]], None], *outs: Tensor) -> Any:
         ctx.handler = handler
+        ctx.set_materialize_grads(False)
         return tuple(o.detach() for o in outs)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         ctx.handler(grads)
         return (None, *grads)
 
@@ -146,11 +148,22 @@ def tap_outputs(
     return tree_unflatten(leaves, spec)
 
 
+def _rng_states(device: str) -> list[Tensor]:
+    """The random generators' states (host-side bookkeeping, no device synchronisation)."""
+    states = [torch.random.get_rng_state()]
+    if device == "cuda":
+        states.append(torch.cuda.get_rng_state())
+    return states
+
+
 def per_sample_grads(
-    name: str, call: ModuleCall, grads: tuple[Tensor, ...], b: int
+    name: str, call: ModuleCall, grads: tuple[Tensor | None, ...], b: int
 ) -> dict[str, Tensor]:
     """``name -> (b, *param.shape)`` per-sample gradients of ``call.params`` (see the module
-    docstring), in the parameters' dtype."""
+    docstring), in the parameters' dtype; outputs whose gradient is None carry none."""
+    used = [j for j, g in enumerate(grads) if g is not None]
+    out_index = [call.out_index[j] for j in used]
+    grads = tuple(grads[j] for j in used)
     for x, version in call.versions:
         if x._version != version:
             raise RuntimeError(
@@ -177,7 +190,7 @@ def per_sample_grads(
                 f"{tuple(g.shape)} while the batch has {b} samples: the sensor reads axis 0 as "
                 "the sample axis"
             )
-    module, out_index = call.module, call.out_index
+    module = call.module
 
     def one(xs: list[Tensor], gs: tuple[Tensor, ...]) -> dict[str, Tensor]:
         full = list(leaves)
@@ -198,15 +211,24 @@ def per_sample_grads(
         if call.autocast is not None
         else contextlib.nullcontext()
     )
+    xs = [leaves[p] for p in batched]
+    random = UnsupportedModuleError(
+        f"module '{name}' ({type(module).__name__}) draws random numbers in its forward "
+        "(dropout in training mode?): its per-sample replay cannot reproduce them. Set the "
+        "dropout probability to 0, or register_rule() for the module"
+    )
     try:
         with _replay(), cast, torch.enable_grad():
-            out = vmap(one, randomness="error")([leaves[p] for p in batched], grads)
+            out = vmap(one, randomness="error")(xs, grads)
     except RuntimeError as err:
-        if "random" not in str(err):
-            raise
-        raise UnsupportedModuleError(
-            f"module '{name}' ({type(module).__name__}) draws random numbers in its forward "
-            "(dropout in training mode?): its per-sample replay cannot reproduce them. Set the "
-            "dropout probability to 0, or register_rule() for the module"
-        ) from err
+        if "random" in str(err):
+            raise random from err
+        # no batching rule (recurrent layers' fused kernels): one sample at a time, still exact;
+        # a random draw would change the generator's state, which is refused
+        state = _rng_states(device)
+        with _replay(), cast, torch.enable_grad():
+            each = [one([x[i] for x in xs], tuple(g[i] for g in grads)) for i in range(b)]
+        if not all(torch.equal(u, v) for u, v in zip(state, _rng_states(device), strict=True)):
+            raise random from err
+        out = {k: torch.stack([e[k] for e in each]) for k in each[0]}
     return {k: (v if v is not None else torch.zeros_like(call.params[k])) for k, v in out.items()}

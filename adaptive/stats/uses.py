@@ -206,12 +206,20 @@ class UseTracking:
         return tap_outputs(site.name, module, params, args, kwargs, output, handler)
 
     def _on_replay_grad(
-        self, site: _Site, fulls: dict[str, str], call: ModuleCall, grads: tuple[Tensor, ...]
+        self,
+        site: _Site,
+        fulls: dict[str, str],
+        call: ModuleCall,
+        grads: tuple[Tensor | None, ...],
     ) -> None:
         mb = self._current
         if mb is None:
             return
-        self._start(mb, grads[0].shape[0], site.name)
-        per = per_sample_grads(site.name, call, tuple(g.detach() for g in grads), mb.size)
+        given = tuple(None if g is None else g.detach() for g in grads)
+        first = next((g for g in given if g is not None), None)
+        if first is None:
+            return
+        self._start(mb, first.shape[0], site.name)
+        per = per_sample_grads(site.name, call, given, mb.size)
         for rel, g in per.items():
             self._contribute(mb, fulls[rel], g)

@@ -289,6 +289,79 @@ def twice():
     return build
 
 
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(6, 8, batch_first=True)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)  # its final state (h, c) goes unused
+        self.head = nn.Linear(8, 3)
+        nn.init.normal_(self.head.weight, std=0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.gru(x)
+        h, _ = self.lstm(h)
+        return self.head(h[:, -1])
+
+
+def recurrent():
+    def build():
+        g = torch.Generator().manual_seed(8)
+        x = torch.randn(B, 5, 6, generator=g) * torch.linspace(0.5, 2, B)[:, None, None]
+        batch = {"x": x, "y": torch.tensor([0, 1, 2, 0])}
+        return _Recurrent(), batch, lambda out, bt: F.cross_entropy(out, bt["y"], reduction="none")
+
+    return build
+
+
+def opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return _hf_lm(OPTConfig, OPTForCausalLM, False, ffn_dim=64, word_embed_proj_dim=32, dropout=0.0)
+
+
+def t5():
+    def build():
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        cfg = T5Config(
+            vocab_size=64,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+        g = torch.Generator().manual_seed(9)
+        batch = {
+            "input_ids": torch.randint(0, 64, (B, 6), generator=g),
+            "labels": torch.randint(0, 64, (B, 5), generator=g),
+        }
+        return (
+            T5ForConditionalGeneration(cfg),
+            batch,
+            lambda out, bt: (
+                F.cross_entropy(
+                    out.logits.reshape(-1, 64), bt["labels"].reshape(-1), reduction="none"
+                )
+                .reshape(bt["labels"].shape[0], -1)
+                .sum(1)
+                / 5
+            ),
+        )
+
+    return build
+
+
+REFUSED = {
+    # hidden states flattened to (b·t, d) before fc1/fc2: the sample axis is not provable there
+    "opt": pytest.mark.xfail(strict=True, raises=ValueError, reason="(b·t, d) inputs refused"),
+    # relative position bias looked up with (q, k) ids, no batch axis at all
+    "t5": pytest.mark.xfail(strict=True, raises=ValueError, reason="(q, k) bias ids refused"),
+}
+
 MODELS: dict[str, Callable] = {
     "llama_untied": lambda: llama(tie=False),
     "llama_tied": lambda: llama(tie=True),
@@ -303,6 +376,9 @@ MODELS: dict[str, Callable] = {
     "tv_vit": tv_vit,
     "transformer_encoder": encoder,
     "linear_twice": twice,
+    "recurrent_gru_lstm": recurrent,
+    "opt": opt,
+    "t5": t5,
 }
 
 
@@ -323,9 +399,8 @@ def reference(model, batch, loss) -> dict[str, Tensor]:
 
     try:
         return vmap(grad(one), in_dims=(None, 0))(params, batch)
-    except RuntimeError as err:  # data-dependent control flow (BERT's mask checks): one by one
-        if "vmap" not in str(err):
-            raise
+    except RuntimeError:  # no batching rule or data-dependent control flow (BERT): one by one
+        pass
     per = [grad(one)(params, {k: v[i] for k, v in batch.items()}) for i in range(B)]
     return {k: torch.stack([p[k] for p in per]) for k in params}
 
@@ -336,7 +411,7 @@ def close(got: Tensor, want: Tensor, what: str) -> None:
     assert err <= RTOL, f"{what}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=REFUSED.get(n, ())) for n in MODELS])
 def test_every_statistic_matches_torch_func(name):
     torch.manual_seed(0)
     model, batch, loss = MODELS[name]()()
