@@ -209,7 +209,6 @@ class AdaptiveBatchSize(pl.Callback):
         self._keep = (1, 1)  # kept p per q candidates (OnlineBatchSelection), reduced
         self._selection: Any = None
         self._base_candidates = 0  # sampler (global) batch at the start: the schedulers' unit
-        self._units_done = 0  # initial batches' worth of completed epochs (step schedulers)
         self._units = 0  # that count at the last optimizer step
         self._last_global_step = 0
         self._step_schedulers: list[Any] = []
@@ -486,19 +485,29 @@ class AdaptiveBatchSize(pl.Callback):
         return n // unit if self.sampler.drop_last else -(-n // unit)
 
     def _align_schedulers(self, trainer: pl.Trainer, batch_idx: int) -> None:
-        """After an optimizer step: step-interval schedulers advance by initial batches consumed."""
+        """After an optimizer step: step-interval schedulers advance by initial batches consumed.
+
+        Target after batch ``i`` of epoch ``e``: ``e · U + ⌊position(i + 1) / b₀⌋``, and
+        ``(e + 1) · U`` at the epoch's last batch, where ``U`` is the epoch's count of initial
+        batches (what Lightning's ``estimated_stepping_batches`` counts per epoch) and ``b₀`` the
+        initial batch (per rank for a sharded sampler). Every step but an epoch's last consumes at
+        least ``b₀``, so the target grows by at least one per step and Lightning's own step is
+        never one too many; the last step lands on ``(e + 1) · U`` exactly.
+        """
         if trainer.global_step == self._last_global_step:
             return  # accumulating: no optimizer step (and no scheduler step) in this batch
         self._last_global_step = trainer.global_step
         if not self._step_schedulers or self.sampler is None:
             return
-        if batch_idx + 1 >= self.sampler.num_batches():
-            units = self._units_done + self._units_per_epoch()
+        per_epoch = self._units_per_epoch()
+        done = self.sampler.epoch * per_epoch
+        if batch_idx + 1 >= trainer.num_training_batches:  # kept equal to the planned count
+            units = done + per_epoch
         else:
             unit = self._base_candidates
             if self.sampler.sharded:
                 unit //= self._world
-            units = self._units_done + self.sampler.position(batch_idx + 1) // unit
+            units = done + self.sampler.position(batch_idx + 1) // unit
         extra = units - self._units - 1  # Lightning has stepped once already
         self._units = units
         for sched in self._step_schedulers:
@@ -507,11 +516,6 @@ class AdaptiveBatchSize(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync_length(trainer)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.sampler is not None and self._base_candidates:
-            self._units_done += self._units_per_epoch()
-            self._units = self._units_done
 
     # ---------------------------------------------------------------- per batch
     def on_train_batch_start(
@@ -718,7 +722,6 @@ class AdaptiveBatchSize(pl.Callback):
             "history": [dict(h) for h in self.history],
             "keep": list(self._keep),
             "base_candidates": self._base_candidates,
-            "units_done": self._units_done,
             "units": self._units,
             "window": self._window,
         }
@@ -749,7 +752,6 @@ class AdaptiveBatchSize(pl.Callback):
                 f"(OnlineBatchSelection) but this run keeps {self._keep[0]} of {self._keep[1]}"
             )
         self._base_candidates = int(state.get("base_candidates", self._base_size))
-        self._units_done = int(state.get("units_done", 0))
         self._units = int(state.get("units", 0))
         saved = state.get("window")
         if saved is not None and int(saved) != self._window:

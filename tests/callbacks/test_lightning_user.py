@@ -382,6 +382,37 @@ def test_onecycle_with_estimated_stepping_batches_follows_the_sample_budget():
     )
 
 
+class _Lrs(pl.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_onecycle_under_growth_resumes_exactly(tmp_path):
+    def run(ckpt=None, out="full"):
+        lrs, seen = _Lrs(), Seen()
+        saver = ModelCheckpoint(
+            dirpath=tmp_path / out, filename="{step}", every_n_train_steps=3, save_top_k=-1
+        )
+        trainer = _trainer(
+            [_grows(max_batch_size=48), seen, lrs, saver], max_epochs=2, enable_checkpointing=True
+        )
+        trainer.fit(Net(lr=0.1, sched="onecycle"), ckpt_path=ckpt)
+        return lrs.lrs, seen, trainer.lr_scheduler_configs[0].scheduler
+
+    full, seen, sched = run()
+    per_epoch = sum(1 for r in seen.totals if r[0] == 0)
+    assert sched.last_epoch == sched.total_steps
+    # a checkpoint inside epoch 0, the one at the end of epoch 0 if there is one, one in epoch 1
+    steps = [3, 3 * (per_epoch // 3), 3 * ((len(full) - 1) // 3)]
+    for step in steps:
+        lrs, _, resumed = run(str(tmp_path / "full" / f"step={step}.ckpt"), out=f"r{step}")
+        assert lrs == full[step:], step
+        assert resumed.last_epoch == sched.total_steps
+
+
 def test_a_step_schedule_under_max_steps_is_refused_at_fit_start():
     model = Net(lr=0.1, sched="onecycle")
     with pytest.raises(ValueError, match=r"max_steps=5.*SampleClock.*WSDScheduler"):
@@ -390,6 +421,13 @@ def test_a_step_schedule_under_max_steps_is_refused_at_fit_start():
 
 
 # ------------------------------------------------------------------ 4. errors at setup
+class _Probe(pl.Callback):
+    started = False
+
+    def on_train_start(self, trainer, pl_module):
+        self.started = True
+
+
 def _batchnorm(model):
     model.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
 
@@ -418,19 +456,19 @@ def _batchnorm(model):
     ],
 )
 def test_model_and_loader_errors_come_at_setup(make, callback, error, match):
-    model = Net()
+    model, probe = Net(), _Probe()
     make(model)
     with pytest.raises(error, match=match):
-        _trainer([callback()]).fit(model)
-    assert model.steps_called == 0
+        _trainer([callback(), probe]).fit(model)
+    assert not probe.started  # raised during set-up, before training started
 
 
 def test_a_dict_of_train_loaders_is_refused_clearly():
-    model = Net()
+    model, probe = Net(), _Probe()
     loaders = {"a": DataLoader(model.dataset, batch_size=8), "b": DataLoader(model.dataset)}
     with pytest.raises(ValueError, match=r"single train DataLoader.*dict"):
-        _trainer([_grows()]).fit(model, train_dataloaders=loaders)
-    assert model.steps_called == 0
+        _trainer([_grows(), probe]).fit(model, train_dataloaders=loaders)
+    assert not probe.started
 
 
 def test_constructor_arguments_are_checked_at_construction():
