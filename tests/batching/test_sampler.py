@@ -359,3 +359,16 @@ def test_len_is_the_planned_batches_and_shrinks_when_the_batch_grows():
         it = iter(loader)
         batches = [next(it) for _ in range(len(loader))]  # never asks past the end
         assert s.epoch == epoch and sum(len(b) for b in batches) == 100
+
+
+def test_a_wrapped_sampler_gives_every_rank_its_share_of_one_global_batch():
+    def make(world, rank):
+        s = AdaptiveBatchSampler(_weighted(), batch_size=4, seed=5, num_replicas=world, rank=rank)
+        s.set_batch_size(8, from_batch=2)
+        return s
+
+    single = _drain(make(1, 0))
+    per_rank = [_drain(make(2, r)) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(single)
+    for k, global_batch in enumerate(single):
+        assert per_rank[0][k] + per_rank[1][k] == global_batch  # 60 = 4 + 4 + 8·6 + 4: no pad
