@@ -51,8 +51,8 @@ def test_interpreted_kernels():
     last = log.strip().splitlines()[-1]
     passed = re.search(r"(\d+) passed", last)
     assert passed and int(passed.group(1)) >= 8, log[-3000:]
-    skipped = re.search(r"(\d+) skipped", last)
-    assert skipped is None or int(skipped.group(1)) <= 1, log[-3000:]
+    skipped = re.search(r"(\d+) skipped", last)  # the parent-process tests (driver, compile)
+    assert skipped is None or int(skipped.group(1)) <= 2, log[-3000:]
 
 
 @pytest.fixture
@@ -168,6 +168,25 @@ def test_applies_refuses_what_the_kernels_cannot_take(monkeypatch):
     assert not lamb_triton.takes([x], [x.clone()], [z(x)], [z(x)])
     with pytest.raises(ValueError, match="not for the Triton kernels"):
         lamb_triton.lamb_step([x], [x], [z(x)], [z(x)], [torch.ones(())], {})
+
+
+def test_kernels_compile_for_hopper():
+    """The compiled form (not the interpreter's) builds for sm_90 on this CPU: Triton's front end,
+    MLIR passes and bundled ptxas (tests/triton_aot_worker.py; bf16/fp16 products on wgmma)."""
+    if CHILD:
+        pytest.skip("runs in the parent process")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "triton_aot_worker.py"), "lamb"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
+        pytest.skip("triton's bundled ptxas is missing here")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.count("compiled for sm_90") == 3, out.stdout
 
 
 # ------------------------------------------------------------------------------------ CUDA

@@ -51,9 +51,9 @@ def run_interpreted_child(path: str, minimum: int) -> None:
     passed = re.search(r"(\d+) passed", log)
     assert passed and int(passed.group(1)) >= minimum, log[-3000:]
     assert "failed" not in log.splitlines()[-1], log[-3000:]
-    # only the driver and the import test are skipped in the child
+    # only the parent-process tests (driver, import, compile) are skipped in the child
     skipped = re.search(r"(\d+) skipped", log.splitlines()[-1])
-    assert skipped is None or int(skipped.group(1)) <= 2, log[-3000:]
+    assert skipped is None or int(skipped.group(1)) <= 3, log[-3000:]
 
 
 def test_interpreted_kernels():
@@ -289,6 +289,25 @@ def test_core_imports_without_triton():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_kernels_compile_for_hopper():
+    """The compiled form (not the interpreter's) builds for sm_90 on this CPU: Triton's front end,
+    MLIR passes and bundled ptxas (tests/triton_aot_worker.py; bf16/fp16 products on wgmma)."""
+    if CHILD:
+        pytest.skip("runs in the parent process")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "triton_aot_worker.py"), "stats"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
+        pytest.skip("triton's bundled ptxas is missing here")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.count("compiled for sm_90") == 3, out.stdout
 
 
 # ------------------------------------------------------------------------------------ CUDA
