@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaptive.callbacks import AdaptiveBatchSize, GradientStatisticsLogger
-from adaptive.stats import GradientStatistics
+from adaptive.stats import GradientStatistics, UnsupportedModuleError
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -144,3 +144,67 @@ def test_two_sensors_on_the_model_equal_a_lone_one(kind):
         for s in (pair[0].result(), pair[1].result()):
             for key in ("grad_sq_norm", "variance", "sum_sq_norms", "per_sample_sq_norms"):
                 torch.testing.assert_close(getattr(s, key), getattr(lone, key), rtol=1e-5, atol=0)
+
+
+class ResNetModule(pl.LightningModule):
+    """torchvision ResNet-18 with BatchNorm in training mode: per-sample gradients are not
+    defined, the group estimator (micro-batch means) is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import resnet18
+
+        torch.manual_seed(0)
+        self.net = resnet18(num_classes=3)
+        g = torch.Generator().manual_seed(2)
+        self.data = TensorDataset(
+            torch.randn(48, 3, 16, 16, generator=g), torch.randint(0, 3, (48,), generator=g)
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=4, shuffle=False)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_resnet18_with_batchnorm_runs_on_the_group_estimator(tmp_path):
+    module = ResNetModule()
+    with pytest.raises(
+        UnsupportedModuleError,
+        match=r"BatchNorm modules 'bn1' \(BatchNorm2d\).*and 12 more.*eval mode.*GroupNorm.*fallback='groups'",
+    ):
+        GradientStatistics(module.net).attach()
+    growth = AdaptiveBatchSize(
+        test="norm",
+        eta=0.5,
+        max_batch_size=16,
+        max_micro_batch_size=4,  # two micro-batches per step: two group means
+        interval=1,
+        stats_fallback="groups",
+    )
+    logger = GradientStatisticsLogger(every_n_steps=1, fallback="groups")
+    trainer = pl.Trainer(
+        max_steps=6,
+        callbacks=[growth, logger],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module)
+    assert module.net.bn1.training  # left as it was
+    # the first step has one micro-batch: one group mean, no variance (inf), and the growth test
+    # takes the largest batch; from then on each step has 4 micro-batches, and the logger reads a
+    # finite group estimate
+    assert growth.history[0]["stats_batch_size"] == 4
+    assert logger.last_metrics["grad_stats/batch_size"] == 16
+    assert all(torch.isfinite(torch.tensor(v)) for v in logger.last_metrics.values())
