@@ -128,6 +128,20 @@ def _native_applies(a: Tensor) -> bool:
     return a.device.type == "cpu" and native.available()
 
 
+def _with_kernel(a: Tensor, order: tuple[str, ...], eligible: bool) -> tuple[str, ...]:
+    """The cost model's ``order`` of paths with the one-pass kernel's ``"native"`` path where it
+    takes the call (``eligible``): first on CPU (the C kernel; the planner times every candidate
+    there anyway); last on CUDA (the Triton kernels of :mod:`adaptive.stats.triton_norms`: not
+    timed there, so used only when asked for, ``paths="native"``, until measured on a GPU)."""
+    if not eligible:
+        return order
+    if _native_applies(a):
+        return ("native", *order)
+    if triton_norms.applies(a):
+        return (*order, "native")
+    return order
+
+
 def _grouped_coordinate_sq(x: Tensor, d: Tensor) -> Tensor:
     """Σ_i (Δ_i X_iᵀ)² elementwise, shape (g, n_out, n_in)."""
     if x.shape[-1] == 1:
@@ -206,9 +220,24 @@ class LayerRule:
         return sum(p.numel() for n, p in module.named_parameters(recurse=False) if n in names)
 
     def fusable(self, module: nn.Module, a: Tensor) -> bool:
-        """True where this call materialises per-sample weight gradients anyway (so the batch
-        gradient can be their sum instead of a second autograd computation)."""
-        return False
+        """True where, by the cost model, this call materialises per-sample weight gradients (or
+        runs the compiled kernel) and hands their sum to autograd as the batch gradient."""
+        return self.paths(module, a)[0] != "torch"
+
+    def paths(
+        self, module: nn.Module, a: Tensor, names: frozenset[str] = frozenset({"weight", "bias"})
+    ) -> tuple[str, ...]:
+        """The ways this call can be handled (:mod:`adaptive.stats.planner`), the cost model's
+        choice first: ``"native"`` (compiled kernel), ``"materialise"`` (per-sample gradients
+        written out), ``"torch"`` (autograd's gradient and ``sq_norms``)."""
+        return ("torch",)
+
+    def batch_grads(
+        self, module: nn.Module, a: Tensor, d: Tensor, names: frozenset[str]
+    ) -> dict[str, Tensor]:
+        """Autograd's batch gradients ``Σ_i g_i`` of the parameters in ``names``, computed as
+        autograd computes them (for timing the ``"torch"`` path against the fused ones)."""
+        raise NotImplementedError
 
     def native_sums(
         self,
@@ -296,14 +325,26 @@ class LinearRule(_GroupedMatmulRule):
             out = out + dd.sum(1) @ directions["bias"].float()
         return out
 
-    def fusable(self, module, a):
+    def paths(self, module, a, names=frozenset({"weight", "bias"})):
         n_in, n_out = module.in_features, module.out_features
         t = a.numel() // max(1, a.shape[0] * n_in) if a.dim() >= 2 else 1
-        if t > 1 and _native_applies(a):
-            return True
-        return materialising_pays(t, n_in, n_out)
+        if t <= 1 or "weight" not in names:
+            return ("torch",)  # one position: ‖a_i‖²‖δ_i‖², nothing to choose
+        order = ("materialise", "torch")
+        return _with_kernel(a, order if materialising_pays(t, n_in, n_out) else order[::-1], True)
+
+    def batch_grads(self, module, a, d, names):
+        dd = d.float().reshape(-1, d.shape[-1])
+        out = {}
+        if "weight" in names:
+            out["weight"] = dd.t() @ a.float().reshape(-1, a.shape[-1])
+        if "bias" in names:
+            out["bias"] = dd.sum(0)
+        return out
 
     def native_sums(self, module, a, d, names, out, coordinates=False):
+        if triton_norms.applies(a):
+            return triton_norms.layer_sums_and_sq_norms(module, a, d, names, coordinates)
         if "weight" not in names or a.dim() < 3 or not _native_applies(a):
             return None
         b = d.shape[0]
@@ -371,7 +412,32 @@ class ConvRule(_GroupedMatmulRule):
         )
         return g[..., : kernel[0], : kernel[1]].reshape(c, b, o, kernel[0], kernel[1])
 
-    def fusable(self, module, a):
+    def batch_grads(self, module, a, d, names):
+        x, d4, kernel, dilation, stride = self._as_2d(module, a, d)
+        weight = x.new_empty(()).expand(d4.shape[1], x.shape[1] // module.groups, *kernel)
+        _, w, bias = torch.ops.aten.convolution_backward(
+            d4,
+            x,
+            weight,
+            [d4.shape[1]] if "bias" in names else None,
+            list(stride),
+            [0, 0],
+            list(dilation),
+            False,
+            [0, 0],
+            module.groups,
+            [False, "weight" in names, "bias" in names],
+        )
+        out = {}
+        if "weight" in names:
+            out["weight"] = w.reshape(module.weight.shape)
+        if "bias" in names:
+            out["bias"] = bias
+        return out
+
+    def paths(self, module, a, names=frozenset({"weight", "bias"})):
+        if "weight" not in names:
+            return ("torch",)
         spatial = a.shape[2:]
         pads = module._reversed_padding_repeated_twice
         positions = 1
@@ -380,13 +446,16 @@ class ConvRule(_GroupedMatmulRule):
             padded = size + pads[2 * j] + pads[2 * j + 1]
             span = module.dilation[i] * (module.kernel_size[i] - 1) + 1
             positions *= max(0, (padded - span) // module.stride[i] + 1)
-        if module.groups == 1 and _native_applies(a):
-            return True
         n_in = module.in_channels // module.groups * math.prod(module.kernel_size)
         n_out = module.out_channels // module.groups
-        return materialising_pays(positions, n_in, n_out)
+        order = ("materialise", "torch")
+        if not materialising_pays(positions, n_in, n_out):
+            order = order[::-1]
+        return _with_kernel(a, order, module.groups == 1)
 
     def native_sums(self, module, a, d, names, out, coordinates=False):
+        if triton_norms.applies(a):
+            return triton_norms.layer_sums_and_sq_norms(module, a, d, names, coordinates)
         if "weight" not in names or module.groups != 1 or not _native_applies(a):
             return None
         x, d4, kernel, dilation, stride = self._as_2d(module, a, d)

@@ -30,12 +30,15 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
+from adaptive.stats.broadcast import BatchBroadcast, broadcast_output
+from adaptive.stats.last_resort import replaying
 from adaptive.stats.layers import (
-    SUPPORTED_MODULES,
     LayerRule,
     UnsupportedModuleError,
-    find_rule,
 )
+from adaptive.stats.planner import PathPlanner, PlanEntry
+from adaptive.stats.registry import find_rule
+from adaptive.stats.uses import TOGGLED, UseTracking
 
 __all__ = ["FALLBACKS", "GradientStatistics", "StatisticsResult"]
 
@@ -118,6 +121,14 @@ class _MicroBatch:
         self.toggled: dict[str, list[tuple[str, nn.Parameter]]] = {}
         self.pending: dict[str, list[Any]] = {}  # module name -> [a, δ, params left]
         self.params_hooked: set[str] = set()  # layers that may fuse but did not
+        self.deferred: set[str] = set()  # layers another sensor fused: hooked after its forward
+        self.uses: dict[str, int] = {}  # parameter -> calls that used it (see uses.py)
+        self.calls: dict[str, int] = {}  # module -> calls in this capture
+        self.shared: dict[str, Tensor] = {}  # parameter used several times -> (b, *shape) sum
+        self.replay_stack: list[dict[str, int]] = []  # modules without a rule being called
+        # fused layers: name -> (planner key to record a measurement under, or None; the paths
+        # to run: the candidates to time, or the one chosen)
+        self.plans: dict[str, tuple[tuple | None, tuple[str, ...]]] = {}
 
 
 @dataclass
@@ -126,6 +137,7 @@ class _Site:
     module: nn.Module
     rule: LayerRule | None
     params: dict[str, tuple[str, nn.Parameter]]  # local name -> (full name, param)
+    shared: bool = False  # holds a parameter another module holds too (tied weights)
 
     @property
     def float64(self) -> bool:
@@ -133,8 +145,8 @@ class _Site:
 
     @property
     def may_fuse(self) -> bool:
-        """Whether the rule can ever supply this layer's gradients (it overrides ``fusable``)."""
-        return self.rule is not None and type(self.rule).fusable is not LayerRule.fusable
+        """Whether the rule can ever supply this layer's gradients (it offers ``paths``)."""
+        return self.rule is not None and type(self.rule).paths is not LayerRule.paths
 
 
 def _float32(device_type: str) -> contextlib.AbstractContextManager:
@@ -186,7 +198,7 @@ class _FusedWeightGrads(torch.autograd.Function):
         return (grad, None, *ctx.handler(grad))
 
 
-class GradientStatistics:
+class GradientStatistics(UseTracking):
     """Per-step statistics of per-sample gradients, computed by hooks on the device.
 
     Args:
@@ -218,10 +230,16 @@ class GradientStatistics:
             convolution fuses, and the kernel returns the norms, the batch gradient and (with
             ``per_coordinate``) the per-coordinate squares without storing per-sample gradients;
             the inner products and target dots then pair each sample with the direction by one
-            contraction of the layer's input and output gradient. Otherwise
-            :func:`adaptive.stats.layers.materialising_pays` decides; per-sample gradients are
-            then built for at most 2^24 elements at a time (a larger batch goes in chunks of
+            contraction of the layer's input and output gradient. Per-sample gradients are
+            built for at most 2^24 elements at a time (a larger batch goes in chunks of
             samples), on CPU in one buffer kept between steps.
+        paths: layer name -> ``"native"``, ``"materialise"`` or ``"torch"``, overriding how that
+            Linear/Conv layer is handled (:mod:`adaptive.stats.planner`); one name alone is
+            used for every layer it can take (``paths="native"``). By default, on CPU,
+            the first call of each shape times every path that can take it and keeps the
+            fastest (cached for the process); on other devices
+            :func:`adaptive.stats.layers.materialising_pays` decides. :meth:`plan` lists the
+            choices.
 
     Accumulation. Several ``capture()`` blocks before one :meth:`result` are micro-batches of one
     batch, each micro-batch's mean loss divided by the number ``A`` of micro-batches (Lightning's
@@ -264,6 +282,7 @@ class GradientStatistics:
         inner_products: bool = True,
         grad_scaler: Any | None = None,
         fuse_weight_grads: bool = True,
+        paths: Mapping[str, str] | str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -295,15 +314,24 @@ class GradientStatistics:
         self._mode = "per_sample"
         self._buffers: dict[int, Tensor] = {}
         self._sites = self._discover()
+        self._planner = PathPlanner(paths)
+        unknown = sorted(set(self._planner.overrides) - {s.name for s in self._sites if s.may_fuse})
+        if unknown:
+            valid = [s.name for s in self._sites if s.may_fuse]
+            raise ValueError(
+                f"paths names {unknown}, which are not Linear/Conv layers of the model; "
+                f"valid: {valid}"
+            )
         self._batchnorms = [
             (name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)
         ]
+        self._plan_replays()
         self.reset()
 
     # ------------------------------------------------------------------ set-up
     def _discover(self) -> list[_Site]:
         sites: list[_Site] = []
-        owner: dict[int, str] = {}
+        owner: dict[int, tuple[str, _Site]] = {}
         for mname, module in self.model.named_modules():
             params = {
                 pname: (f"{mname}.{pname}" if mname else pname, p)
@@ -312,35 +340,38 @@ class GradientStatistics:
             }
             if not params:
                 continue
-            for full, p in params.values():
-                if id(p) in owner:
-                    raise UnsupportedModuleError(
-                        f"parameter '{full}' is shared with '{owner[id(p)]}' (tied weights): "
-                        "per-sample norms would miss the cross terms between the two uses; untie "
-                        "them or pass fallback='groups'"
-                    )
-                owner[id(p)] = full
-            sites.append(_Site(mname or "<root>", module, find_rule(module), params))
+            site = _Site(mname or "<root>", module, find_rule(module), params)
+            for local, (full, p) in params.items():
+                if id(p) in owner:  # tied weights: one name (named_parameters' first), summed uses
+                    first, other = owner[id(p)]
+                    params[local] = (first, p)
+                    site.shared = other.shared = True
+                else:
+                    owner[id(p)] = (full, site)
+            sites.append(site)
         return sites
 
     def _unsupported(self) -> str | None:
         """A message for the first module the exact hooks cannot handle, or None."""
-        for mname, module in self._batchnorms:
-            if module.training or module.running_mean is None:
-                return (
-                    f"module '{mname or '<root>'}' ({type(module).__name__}) normalises with batch "
-                    "statistics (training mode or track_running_stats=False), which couples the "
-                    "samples of a batch: per-sample gradients are not defined. Use GroupNorm or "
-                    "LayerNorm, put it in eval mode, or pass fallback='groups'"
-                )
+        coupled = [
+            f"'{mname or '<root>'}' ({type(module).__name__})"
+            for mname, module in self._batchnorms
+            if module.training or module.running_mean is None
+        ]
+        if coupled:
+            more = f" and {len(coupled) - 8} more" if len(coupled) > 8 else ""
+            return (
+                f"BatchNorm modules {', '.join(coupled[:8])}{more} normalise with batch statistics "
+                "(training mode or track_running_stats=False), which couples the samples of a "
+                "batch: per-sample gradients are not defined. Choose one: put them in eval mode "
+                "(model.eval() or module.eval(): running statistics act per sample); replace "
+                "them with GroupNorm or LayerNorm; or pass fallback='groups' (the variance from "
+                "the gradient means of micro-batches and ranks, which keeps BatchNorm's batch "
+                "coupling inside each group; needs at least two micro-batches or ranks)"
+            )
         for site in self._sites:
-            if site.rule is None:
-                return (
-                    f"module '{site.name}' ({type(site.module).__name__}) has trainable parameters "
-                    f"{sorted(site.params)} but no per-sample rule; supported: "
-                    f"{', '.join(SUPPORTED_MODULES)}. Freeze or replace it, or pass "
-                    "fallback='groups'"
-                )
+            if site.rule is None:  # exact per-sample replay (see uses.py)
+                continue
             try:
                 site.rule.check(site.name, site.module)
             except UnsupportedModuleError as err:
@@ -382,6 +413,13 @@ class GradientStatistics:
         self._grad_sums: dict[str, Tensor] = {}
         self._coord: dict[str, Tensor] = {}
 
+    def plan(self) -> list[PlanEntry]:
+        """How each Linear/Conv layer was handled at its latest capture: the path (compiled
+        kernel, materialised per-sample gradients, or autograd with the Gram form), why
+        (measured, cost model, override, only path) and the timings measured, if any (see
+        :mod:`adaptive.stats.planner`). Empty before the first capture."""
+        return self._planner.plan()
+
     @contextlib.contextmanager
     def capture(self, group_ids: Tensor | None = None) -> Iterator[GradientStatistics]:
         """Hooks live only inside the block: run one micro-batch's forward and backward in it."""
@@ -418,12 +456,36 @@ class GradientStatistics:
         # FSDP2: autograd sees the whole parameters FSDP puts on each module for its forward;
         # hook those (fusing would hand gradients to the shards instead, so it is off)
         self._sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
-        if self._mode == "groups":
-            # No layer hooks: the micro-batch size is axis 0 of the model's first tensor input.
-            self._handles.append(
-                self.model.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
-            )
+        # the micro-batch size is axis 0 of the first tensor input of the first module called
+        # (the outermost: the model, or the part of it a LightningModule's training_step calls,
+        # positionally or by keyword); these hooks go as soon as one has fired
+        self._size_handles = [
+            m.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
+            for m in self.model.modules()
+        ]
+        self._handles.extend(self._size_handles)
+        if self._mode == "per_sample" and not self._sharded:
+            self._hook_leaves()  # every gradient accounted for; shared parameters summed
         for site in self._sites:
+            if self._mode == "per_sample" and site.rule is None:
+                if self._sharded:
+                    raise UnsupportedModuleError(
+                        f"module '{site.name}' ({type(site.module).__name__}) has no per-sample "
+                        "rule, and its replay is not supported on sharded (FSDP2) parameters; "
+                        "register_rule() for it, or use DDP"
+                    )
+                # no rule: exact per-sample gradients by replaying the module (uses.py)
+                self._handles.append(
+                    site.module.register_forward_pre_hook(
+                        partial(self._on_replay_pre, site), with_kwargs=True
+                    )
+                )
+                self._handles.append(
+                    site.module.register_forward_hook(
+                        partial(self._on_replay_forward, site), with_kwargs=True
+                    )
+                )
+                continue
             # a layer that may fuse gets its parameter hooks from its pre-forward hook, and only
             # if it does not fuse: a fused layer's gradients come from the sensor itself
             lazy = (
@@ -431,6 +493,7 @@ class GradientStatistics:
                 and self.fuse_weight_grads
                 and not self._sharded
                 and site.may_fuse
+                and not site.shared  # tied weights: every use's per-sample gradients are kept
             )
             if self._mode == "per_sample":
                 if lazy:
@@ -458,6 +521,7 @@ class GradientStatistics:
             for params in mb.toggled.values():
                 for _, p in params:
                     p.requires_grad_(True)
+                    TOGGLED.discard(id(p))
             mb.toggled.clear()
         if mb is not None and mb.size is not None:
             if mb.group_ids is not None and mb.group_ids.shape[0] != mb.size:
@@ -514,32 +578,54 @@ class GradientStatistics:
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, Tensor) and leaf.dim() > 0:
                 self._start(mb, leaf.shape[0], "<root>")
+                for h in self._size_handles:
+                    h.remove()
                 return
 
     def _on_forward(self, site: _Site, module: nn.Module, args: tuple, output: Any) -> Any:
         mb = self._current
         if mb is None or not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return None
-        if not output.requires_grad and site.name not in mb.toggled:
+        if replaying() or (not output.requires_grad and site.name not in mb.toggled):
             return None
-        if site.name in mb.seen:
-            raise RuntimeError(
-                f"module '{site.name}' ran twice in one capture(): its per-sample gradient is the "
-                "sum of both uses and its norm needs their cross terms. Capture each forward "
-                "separately, avoid activation checkpointing, or pass fallback='groups'"
-            )
+        # a second call is a second use of the parameters: their per-sample gradients are then
+        # summed over the uses (uses.py)
         mb.seen.add(site.name)
+        mb.calls[site.name] = mb.calls.get(site.name, 0) + 1
+        self._use(mb, (f for f, _ in site.params.values()))
         a = args[0].detach() if args else None
         if a is None:
             raise RuntimeError(f"module '{site.name}' was called without a positional input")
+        if site.name in mb.deferred:  # another sensor fused it and has switched it back on
+            mb.deferred.discard(site.name)
+            if site.name not in mb.params_hooked:
+                mb.params_hooked.add(site.name)
+                self._hook_params(site)
+        if isinstance(output, BatchBroadcast):  # another sensor expanded it already
+            a = a.expand(output._expanded.shape[0], *a.shape[1:])
+            output._expanded.register_hook(partial(self._on_output_grad, site, a))
+            return None
+        if self._broadcast(mb, a):  # one call for the whole batch: per-sample δ from expansion
+            wrapped, expanded = broadcast_output(site.name, output, mb.size)
+            expanded.register_hook(
+                partial(self._on_output_grad, site, a.expand(mb.size, *a.shape[1:]))
+            )
+            return wrapped
         toggled = mb.toggled.pop(site.name, None)
         if toggled is not None:
             for _, p in toggled:
                 p.requires_grad_(True)
-            handler = partial(self._on_fused_grad, site, a, [local for local, _ in toggled])
+                TOGGLED.discard(id(p))
+            plan = mb.plans.pop(site.name)
+            handler = partial(self._fused_or_shared, site, a, [local for local, _ in toggled], plan)
             return _FusedWeightGrads.apply(output, handler, *[p for _, p in toggled])
         output.register_hook(partial(self._on_output_grad, site, a))
         return None
+
+    @staticmethod
+    def _broadcast(mb: _MicroBatch, a: Tensor) -> bool:
+        """Whether a layer input is broadcast over the model's batch (axis 0 of size 1)."""
+        return mb.size is not None and mb.size > 1 and a.dim() > 0 and a.shape[0] == 1
 
     def _hook_params(self, site: _Site) -> None:
         for local, (full, p) in site.params.items():
@@ -547,22 +633,39 @@ class GradientStatistics:
 
     def _on_pre_forward(self, site: _Site, module: nn.Module, args: tuple) -> None:
         mb = self._current
-        if mb is None or not torch.is_grad_enabled() or site.name in mb.seen:
+        if mb is None or not torch.is_grad_enabled() or site.name in mb.seen or replaying():
             return
+        if any(id(p) in TOGGLED for _, p in site.params.values()):
+            mb.deferred.add(site.name)  # another sensor fuses this call: hook it after
+            return
+        if args and isinstance(args[0], Tensor) and self._broadcast(mb, args[0]):
+            if site.name not in mb.params_hooked:  # unfused: see _on_forward
+                mb.params_hooked.add(site.name)
+                self._hook_params(site)
+            return
+        path = "torch"
+        toggled = [(local, p) for local, (_, p) in site.params.items() if p.requires_grad]
         if (
-            not args
-            or not isinstance(args[0], Tensor)
-            or site.rule is None
-            or site.float64  # the sensor works in float32: leave double gradients to autograd
-            or not site.rule.fusable(module, args[0])
+            args
+            and isinstance(args[0], Tensor)
+            and site.rule is not None
+            and not site.float64  # the sensor works in float32: leave double gradients to autograd
         ):
+            names = frozenset(local for local, _ in toggled)
+            candidates = site.rule.paths(module, args[0], names)
+            options = (self.per_coordinate, self.inner_products, self._target is not None)
+            path, key = self._planner.choose(site.name, module, args[0], candidates, options)
+            if path == "measure":
+                mb.plans[site.name] = (key, candidates)
+        if path == "torch":
             if site.name not in mb.params_hooked:  # autograd computes these gradients
                 mb.params_hooked.add(site.name)
                 self._hook_params(site)
             return
-        toggled = [(local, p) for local, (_, p) in site.params.items() if p.requires_grad]
+        mb.plans.setdefault(site.name, (None, (path,)))
         for _, p in toggled:
             p.requires_grad_(False)
+            TOGGLED.add(id(p))
         mb.toggled[site.name] = toggled
 
     # Per-sample gradients are materialised for at most this many elements at once (64 MiB of
@@ -585,52 +688,93 @@ class GradientStatistics:
         return buf[:n].view(shape)
 
     def _on_fused_grad(
-        self, site: _Site, a: Tensor, locals_: list[str], grad: Tensor
+        self,
+        site: _Site,
+        a: Tensor,
+        locals_: list[str],
+        plan: tuple[tuple | None, tuple[str, ...]],
+        grad: Tensor,
     ) -> tuple[Tensor, ...]:
         rule = site.rule
         assert rule is not None
         d = grad.detach()
-        b = d.shape[0]
         mb = self._current
         names = frozenset(locals_)
-        params = {local: p for local, (_, p) in site.params.items()}
         out = self._workspace if d.device.type == "cpu" else None
         if mb is not None:
-            self._start(mb, b, site.name)
-        fast = None
-        if out is not None:
-            fast = rule.native_sums(site.module, a, d, names, out, self.per_coordinate)
-        if fast is not None:
-            sums, sq_norms, coords = fast
-            if mb is not None:
-                mb.sq = _add(mb.sq, sq_norms)
-                for k in locals_:
-                    self._add_grad(mb, site.params[k][0], sums[k])
-                    if coords is not None:
-                        self._add_coordinates(mb, site.params[k][0], coords[k])
+            self._start(mb, d.shape[0], site.name)
+        key, paths = plan
+        if key is not None and mb is not None:  # first call of this shape: time every path
+            runs = {p: partial(self._fused_values, p, site, a, d, names, out, True) for p in paths}
+            _, values = self._planner.measure(site.name, site.module, a, key, runs)
+        else:
+            path = next((p for p in paths if p != "torch"), paths[0])
+            values = self._fused_values(path, site, a, d, names, out, mb is not None)
+        sums, sq, coords, dots, inner = values
+        if mb is not None:
+            mb.sq = _add(mb.sq, sq)
+            for k in locals_:
+                self._add_grad(mb, site.params[k][0], sums[k])
+                if coords is not None:
+                    self._add_coordinates(mb, site.params[k][0], coords[k])
+            if dots is not None:
+                mb.target_dots = _add(mb.target_dots, dots)
+            if inner is not None:
+                mb.inner = _add(mb.inner, inner)
+        return tuple(sums[k].to(site.params[k][1].dtype) for k in locals_)
+
+    def _fused_values(
+        self,
+        path: str,
+        site: _Site,
+        a: Tensor,
+        d: Tensor,
+        names: frozenset[str],
+        out: Any,
+        stats: bool,
+    ) -> tuple[dict[str, Tensor], Tensor | None, dict[str, Tensor] | None, Any, Any]:
+        """One fused layer's ``(Σ_i g_i per parameter, ‖g_i‖², Σ_i g_i² per parameter or None,
+        ⟨g_i, target⟩ or None, ⟨g_i, Σ_j g_j⟩ or None)`` by ``path`` (see
+        :mod:`adaptive.stats.planner`; every path gives the same values); only the sums where
+        not ``stats`` (a backward after ``detach()``)."""
+        rule = site.rule
+        assert rule is not None
+        module = site.module
+        coords = dots = inner = None
+        if path in ("native", "torch"):
+            if path == "native":
+                native_values = rule.native_sums(module, a, d, names, out, self.per_coordinate)
+                assert native_values is not None
+                sums, sq, coords = native_values
+            else:
                 with _float32(d.device.type):
-                    # pairings with a fixed direction: ⟨g_i, D⟩ without per-sample gradients
-                    if self._target is not None:
-                        dirs = {
-                            k: self._target[site.params[k][0]]
-                            for k in locals_
-                            if site.params[k][0] in self._target
-                        }
-                        if dirs:
-                            dot = rule.dot(site.module, a, d, dirs)
-                            mb.target_dots = _add(mb.target_dots, dot)
-                    if self.inner_products:
-                        mb.inner = _add(mb.inner, rule.dot(site.module, a, d, sums))
-            return tuple(sums[k].to(params[k].dtype) for k in locals_)
-        per_sample = rule.elements_per_sample(site.module, a, d, names, out is not None)
+                    sums = rule.batch_grads(module, a, d, names)
+                    sq = rule.sq_norms(module, a, d, names) if stats else None
+                    if stats and self.per_coordinate:
+                        coords = rule.coordinate_sq(module, a, d, names)
+            if not stats:
+                return sums, None, None, None, None
+            with _float32(d.device.type):
+                # pairings with a fixed direction: ⟨g_i, D⟩ without per-sample gradients
+                if self._target is not None:
+                    dirs = {
+                        k: self._target[site.params[k][0]]
+                        for k in names
+                        if site.params[k][0] in self._target
+                    }
+                    if dirs:
+                        dots = rule.dot(module, a, d, dirs)
+                if self.inner_products:
+                    inner = rule.dot(module, a, d, sums)
+            return sums, sq, coords, dots, inner
+        b = d.shape[0]
+        per_sample = rule.elements_per_sample(module, a, d, names, out is not None)
         chunk = max(1, self._CHUNK_ELEMENTS // max(1, per_sample))
         chunk = -(-b // -(-b // chunk))  # equal chunks: one kernel shape, not a ragged last one
 
         def chunks() -> Iterator[dict[str, Tensor]]:
             for s in range(0, b, chunk):
-                yield rule.per_sample_params(
-                    site.module, a[s : s + chunk], d[s : s + chunk], names, out
-                )
+                yield rule.per_sample_params(module, a[s : s + chunk], d[s : s + chunk], names, out)
 
         # per-sample tensors may be permuted views: reduce over dims, never reshape
         # (a reshape would copy with a bad stride pattern).
@@ -639,16 +783,16 @@ class GradientStatistics:
 
         with _float32(d.device.type):
             sums: dict[str, Tensor] = {}
-            sq: list[Tensor] = []
-            dots: list[Tensor] = []
+            sq_parts: list[Tensor] = []
+            dot_parts: list[Tensor] = []
             per: dict[str, Tensor] = {}
             for per in chunks():
                 for k, g in per.items():
                     sums[k] = _add(sums.get(k), _batch_sum(g))
-                if mb is None:  # backward ran after detach(): only supply the gradients
+                if not stats:
                     continue
                 # the norm reduces without a squared copy of the per-sample gradients
-                sq.append(
+                sq_parts.append(
                     sum(torch.linalg.vector_norm(g, dim=rest(g)).square() for g in per.values())
                 )
                 if self._target is not None:
@@ -658,26 +802,24 @@ class GradientStatistics:
                         if t is not None:
                             dot = _add(dot, (g * t).sum(rest(g)))
                     if dot is not None:
-                        dots.append(dot)
+                        dot_parts.append(dot)
                 if self.per_coordinate:
                     for k, g in per.items():
-                        self._add_coordinates(mb, site.params[k][0], g.square().sum(0))
-            if mb is not None:
-                mb.sq = _add(mb.sq, torch.cat(sq) if len(sq) > 1 else sq[0])
-                for k in locals_:
-                    self._add_grad(mb, site.params[k][0], sums[k])
-                if dots:
-                    mb.target_dots = _add(
-                        mb.target_dots, torch.cat(dots) if len(dots) > 1 else dots[0]
-                    )
-                if self.inner_products:
-                    # ⟨g_i, Σ_j g_j⟩ needs the whole sum first: one chunk is still at hand,
-                    # several are rebuilt
-                    parts = []
-                    for p in [per] if chunk >= b else chunks():
-                        parts.append(sum((g * sums[k]).sum(rest(g)) for k, g in p.items()))
-                    mb.inner = _add(mb.inner, torch.cat(parts) if len(parts) > 1 else parts[0])
-        return tuple(sums[k].to(params[k].dtype) for k in locals_)
+                        coords = coords or {}
+                        coords[k] = _add(coords.get(k), g.square().sum(0))
+            if not stats:
+                return sums, None, None, None, None
+            sq = torch.cat(sq_parts) if len(sq_parts) > 1 else sq_parts[0]
+            if dot_parts:
+                dots = torch.cat(dot_parts) if len(dot_parts) > 1 else dot_parts[0]
+            if self.inner_products:
+                # ⟨g_i, Σ_j g_j⟩ needs the whole sum first: one chunk is still at hand,
+                # several are rebuilt
+                parts = []
+                for p in [per] if chunk >= b else chunks():
+                    parts.append(sum((g * sums[k]).sum(rest(g)) for k, g in p.items()))
+                inner = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return sums, sq, coords, dots, inner
 
     def _on_output_grad(self, site: _Site, a: Tensor, grad: Tensor) -> None:
         mb = self._current
@@ -688,12 +830,16 @@ class GradientStatistics:
         module = site.module
         self._start(mb, grad.shape[0], site.name)
         d = grad.detach()
-        names = frozenset(site.params)
+        names = self._shared_output_grad(site, a, d)  # parameters used once
+        if not names:
+            return
         with _float32(d.device.type):
             mb.sq = _add(mb.sq, rule.sq_norms(module, a, d, names))
             if self._target is not None:
                 dirs = {
-                    loc: self._target[f] for loc, (f, _) in site.params.items() if f in self._target
+                    loc: self._target[f]
+                    for loc, (f, _) in site.params.items()
+                    if f in self._target and loc in names
                 }
                 if dirs:
                     mb.target_dots = _add(mb.target_dots, rule.dot(module, a, d, dirs))
@@ -701,7 +847,7 @@ class GradientStatistics:
                 for loc, c in rule.coordinate_sq(module, a, d, names).items():
                     self._add_coordinates(mb, site.params[loc][0], c)
         if self.inner_products:
-            mb.pending[site.name] = [a, d, len(site.params)]
+            mb.pending[site.name] = [a, d, len(names)]
 
     def _on_param_grad(self, site: _Site, local: str, full: str, grad: Tensor) -> None:
         mb = self._current
@@ -712,6 +858,8 @@ class GradientStatistics:
                 "GradientStatistics: a parameter gradient arrived before the micro-batch size was "
                 "known (no hooked layer and no tensor input to the model's forward)"
             )
+        if self._multi(mb, full):  # summed over its uses by the leaf hook (uses.py)
+            return
         g = grad.detach()
         with _float32(g.device.type):
             g32 = g.float()

@@ -179,7 +179,7 @@ def test_statistics_through_the_kernel_match_torch_func(models, monkeypatch, kin
     model, loss_fn = make_model(kind)
     reference = copy.deepcopy(model)
     x, y = data_for(kind, 6, seed=3)
-    stats = GradientStatistics(model, inner_products=inner)
+    stats = GradientStatistics(model, inner_products=inner, paths="native")
     parts = list(zip(x.split((2, 4)), y.split((2, 4)), strict=True))
     for xb, yb in parts:  # two micro-batches: the accumulation convention holds too
         with stats.capture():
@@ -208,7 +208,7 @@ def test_inner_products_through_the_kernel_one_batch(models, kind):
     make_model, data_for = models
     model, loss_fn = make_model(kind)
     x, y = data_for(kind, 6, seed=5)
-    stats = GradientStatistics(model)
+    stats = GradientStatistics(model, paths="native")
     with stats.capture():
         loss_fn(model(x), y).backward()
     s = stats.result()
@@ -224,7 +224,7 @@ def test_same_statistics_with_the_kernel_switched_off(models, monkeypatch):
     for switch in ("1", "0"):
         monkeypatch.setenv("ADAPTIVE_NATIVE", switch)
         model, loss_fn = make_model("block")
-        stats = GradientStatistics(model, inner_products=False)
+        stats = GradientStatistics(model, inner_products=False, paths="native")
         with stats.capture():
             loss_fn(model(x), y).backward()
         results.append(stats.result())
@@ -239,7 +239,7 @@ def test_bf16_autocast_through_the_kernel(models):
     model, loss_fn = make_model("cnn")
     reference = copy.deepcopy(model)
     x, y = data_for("cnn", 4, seed=7)
-    stats = GradientStatistics(model, inner_products=False)
+    stats = GradientStatistics(model, inner_products=False, paths="native")
     with stats.capture():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = loss_fn(model(x), y)
@@ -263,7 +263,7 @@ def test_float64_layers_keep_autograd_gradients(models):
     model = model.double()
     reference = copy.deepcopy(model)
     x, y = data_for("block", 4, seed=8)
-    stats = GradientStatistics(model, inner_products=False)
+    stats = GradientStatistics(model, inner_products=False, paths="native")
     with stats.capture():
         loss_fn(model(x), y).backward()
     s = stats.result()

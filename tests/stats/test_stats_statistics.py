@@ -281,24 +281,44 @@ def test_batchnorm_in_training_mode_raises_and_names_module():
             pass
 
 
-def test_unsupported_module_raises_and_names_module():
-    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU())
-    stats = GradientStatistics(model)
-    with pytest.raises(UnsupportedModuleError, match=r"'1' \(PReLU\).*fallback='groups'"):
-        stats.attach()
+def test_module_without_rule_is_replayed_exactly_with_one_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(4))
+    with pytest.warns(UserWarning, match=r"PReLU ×1 \(1\).*torch.func"):
+        stats = GradientStatistics(model, per_coordinate=True)
+    x, y = torch.randn(5, 4), torch.randint(0, 4, (5,))
+    with stats.capture():
+        F.cross_entropy(model(x), y).backward()
+    check_all(stats.result(), reference_statistics(per_sample_gradients(model, F.cross_entropy, x, y)))
 
 
-def test_tied_weights_and_reuse_raise():
+def test_tied_weights_and_reuse_are_summed_over_uses():
+    torch.manual_seed(0)
     emb = nn.Embedding(10, 4)
     head = nn.Linear(4, 10, bias=False)
     head.weight = emb.weight
-    with pytest.raises(UnsupportedModuleError, match="tied"):
-        GradientStatistics(nn.Sequential(emb, head))
+    model = nn.Sequential(emb, head)
+    x, y = torch.randint(0, 10, (5, 3)), torch.randint(0, 10, (5, 3))
+
+    def loss_fn(out, t):
+        return F.cross_entropy(out.reshape(-1, 10), t.reshape(-1))
+
+    stats = GradientStatistics(model, per_coordinate=True)
+    with stats.capture():
+        loss_fn(model(x), y).backward()
+    check_all(stats.result(), reference_statistics(per_sample_gradients(model, loss_fn, x, y)))
+
     lin = nn.Linear(3, 3)
-    stats = GradientStatistics(lin)
-    with pytest.raises(RuntimeError, match="ran twice"):
-        with stats.capture():
-            lin(lin(torch.randn(2, 3))).sum().backward()
+    stats = GradientStatistics(lin, "sum", per_coordinate=True)
+    x3 = torch.randn(4, 3)
+    with stats.capture():
+        lin(torch.tanh(lin(x3))).square().sum().backward()
+    ref = reference_statistics(
+        per_sample_gradients(nn.Sequential(lin, nn.Tanh(), lin), lambda o, t: o.square().sum(), x3, x3)
+    )
+    for key in ("coordinate_sq_sums", "mean_grads"):  # the reference names them '0.weight', ...
+        ref[key] = {n.split(".", 1)[1]: v for n, v in ref[key].items()}
+    check_all(stats.result(), ref)
 
 
 @pytest.mark.parametrize(
@@ -384,7 +404,7 @@ def test_fused_layers_in_chunks_of_samples(models, kind, monkeypatch):
     monkeypatch.setattr(GradientStatistics, "_CHUNK_ELEMENTS", 2 * smallest)
     torch.manual_seed(1)
     target = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    stats = GradientStatistics(model, per_coordinate=True, num_groups=2)
+    stats = GradientStatistics(model, per_coordinate=True, num_groups=2, paths="materialise")
     stats.set_target(target)
     gids = torch.tensor([0, 1, 1, 0, 1, 0, 0])
     chunk_sizes = []

@@ -259,6 +259,32 @@ def test_sensor_through_the_kernels_matches_torch_func(kernels_on_cpu, models, k
     assert _rel(res.variance, ref["variance"]) < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["cnn", "block"])
+def test_sensor_fused_through_the_kernels_matches_torch_func(kernels_on_cpu, models, kind):
+    """``paths="native"`` where the Triton kernels take the layer (CUDA; here interpreted on
+    CPU): one pass gives the norms, the per-coordinate squares and the batch gradient, which
+    replaces autograd's: statistics and ``.grad`` against torch.func and autograd."""
+    import copy
+
+    make_model, data_for = models
+    model, loss_fn = make_model(kind)
+    reference = copy.deepcopy(model)
+    x, y = data_for(kind, 4)
+    stats = GradientStatistics(model, paths="native", per_coordinate=True)
+    with stats.capture():
+        loss_fn(model(x), y).backward()
+    res = stats.result()
+    assert any(e.path == "native" for e in stats.plan())
+    ref = reference_statistics(per_sample_gradients(model, loss_fn, x, y))
+    assert _rel(res.per_sample_sq_norms, ref["per_sample_sq_norms"]) < 1e-4
+    assert _rel(res.variance, ref["variance"]) < 1e-4
+    for n, v in res.coordinate_sq_sums.items():
+        assert _rel(v, ref["coordinate_sq_sums"][n]) < 1e-4
+    loss_fn(reference(x), y).backward()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert _rel(p.grad, q.grad) < 1e-5
+
+
 def test_core_imports_without_triton():
     """adaptive.stats and adaptive.optim import no triton, and the sensor works where it is
     missing (the kernels report themselves unavailable)."""
