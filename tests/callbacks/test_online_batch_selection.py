@@ -218,7 +218,9 @@ def test_later_hooks_and_sample_clock_count_trained_samples():
     _fit("tensor", selection, extra=[counter])
     assert counter.count == selection.samples_trained == 18
     schedules = pytest.importorskip("adaptive.schedules", reason="sample-clocked schedules absent")
-    sample_clock = pytest.importorskip("adaptive.callbacks.sample_clock", reason="SampleClock absent")
+    sample_clock = pytest.importorskip(
+        "adaptive.callbacks.sample_clock", reason="SampleClock absent"
+    )
 
     class Flat(schedules.SampleClockedScheduler):
         def multiplier(self, tokens, batch_samples):
