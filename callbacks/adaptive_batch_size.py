@@ -71,7 +71,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 
 from adaptive.batching import (
@@ -453,6 +453,18 @@ class AdaptiveBatchSize(pl.Callback):
         self._step_schedulers = []
         for config in trainer.lr_scheduler_configs:
             sched = config.scheduler
+            if self.lr_scaling != "none" and not isinstance(
+                sched, (SampleClockedScheduler, ReduceLROnPlateau, LambdaLR)
+            ):
+                # the factor reaches a torch scheduler through base_lrs, which only LambdaLR's
+                # closed form reads back; OneCycleLR, cosine, step decay would drop it silently
+                raise ValueError(
+                    f"AdaptiveBatchSize(lr_scaling={self.lr_scaling!r}) cannot rescale the lr "
+                    f"set by {type(sched).__name__}, which computes it from its own settings "
+                    "(max_lr, the previous lr) rather than from base_lrs: use lr_scaling='none', "
+                    "a LambdaLR, or a sample-clocked schedule (adaptive.schedules, with "
+                    "adaptive.callbacks.SampleClock), whose lr scale the callback sets"
+                )
             if config.interval != "step" or isinstance(
                 sched, (SampleClockedScheduler, ReduceLROnPlateau)
             ):

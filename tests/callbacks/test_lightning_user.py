@@ -418,6 +418,11 @@ def test_a_step_schedule_under_max_steps_is_refused_at_fit_start():
     with pytest.raises(ValueError, match=r"max_steps=5.*SampleClock.*WSDScheduler"):
         _trainer([_grows()], max_steps=5).fit(model)
     assert model.steps_called == 0
+    # an lr scale OneCycleLR would overwrite at its next step is refused, not dropped
+    model = Net(lr=0.1, sched="onecycle")
+    with pytest.raises(ValueError, match=r"lr_scaling='linear'.*OneCycleLR"):
+        _trainer([_grows(lr_scaling="linear")]).fit(model)
+    assert model.steps_called == 0
 
 
 # ------------------------------------------------------------------ 4. errors at setup
