@@ -119,8 +119,12 @@ class AdaptiveBatchSize(pl.Callback):
             ``None``: no limit.
         lr_scaling: ``"none"`` (the paper's choice), ``"linear"``, ``"sqrt"`` (relative to the
             initial batch) or ``"adascale"`` (AdaScale gain for the new batch, from the
-            statistics of the step that decided it).
-        seed: shuffle seed of the installed sampler (same on every rank).
+            statistics of the step that decided it). The scale reaches sample-clocked schedules
+            (``set_lr_scale``), ``LambdaLR`` (its ``base_lrs``) and a bare optimizer; any other
+            torch scheduler recomputes the lr from its own settings, so that pair is refused at
+            fit start.
+        seed: shuffle seed of the installed sampler (same on every rank), also the seed of a
+            wrapped sampler's draws (``seed + epoch``).
         loss_reduction: how ``training_step``'s loss reduces over samples (``"mean"`` or
             ``"sum"``), passed to :class:`GradientStatistics`.
         lookahead: batches between a decision and the batch the new size starts at; default
