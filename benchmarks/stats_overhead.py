@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from adaptive.stats import GradientStatistics, native
+from adaptive.stats import GradientStatistics, last_resort, native
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -182,8 +182,78 @@ def vit(tiny: bool) -> nn.Module:
     return m
 
 
+class _HFLogits(nn.Module):
+    """A transformers causal LM called as people call it (keyword tensors), returning logits."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def llama_tiny() -> nn.Module:
+    """transformers ``LlamaForCausalLM``, tied embeddings (SmolLM2's layout), at a tiny width."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    return _HFLogits(LlamaForCausalLM(cfg))
+
+
+def timm_vit_tiny() -> nn.Module:
+    """timm ``vit_tiny_patch16_224`` at 32×32 (patch 8, width 64, depth 4), layer scale on."""
+    import timm
+
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        num_classes=10,
+        init_values=0.1,
+    )
+
+
+def timm_convnext_atto() -> nn.Module:
+    """timm ``convnext_atto`` (LayerNorm2d, layer-scale gamma), 10 classes, for 32×32 inputs."""
+    import timm
+
+    return timm.create_model("convnext_atto", pretrained=False, num_classes=10)
+
+
+# the --models zoo rows: (factory, input kind, default batch)
+ZOO = {
+    "llama-tiny-seq256": (llama_tiny, "tokens", 8),
+    "timm-vit-tiny": (timm_vit_tiny, "image", 32),
+    "timm-convnext-atto": (timm_convnext_atto, "image", 32),
+}
+
+
 def make_case(name: str, batch: int, device: torch.device):
     g = torch.Generator().manual_seed(0)
+    if name in ZOO:
+        factory, kind, _ = ZOO[name]
+        if kind == "tokens":
+            x = torch.randint(0, 512, (batch, 256), generator=g)
+            y = torch.randint(0, 512, (batch, 256), generator=g)
+            return factory, seq_loss, x.to(device), y.to(device)
+        x = torch.randn(batch, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (batch,), generator=g)
+        return factory, F.cross_entropy, x.to(device), y.to(device)
     if name == "cnn":
         x = torch.randn(batch, 1, 28, 28, generator=g)
         y = torch.randint(0, 10, (batch,), generator=g)
@@ -432,7 +502,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, batch in zip(args.models, args.batches, strict=True):
         factory, loss_fn, x, y = make_case(name, batch, device)
         methods = build_methods(factory, loss_fn, x, y, device)
-        if args.methods:  # plain (the reference) and ours_norms (the plan) always run
+        if getattr(args, "methods", None):  # plain (the reference) and ours_norms always run
             keep = {"plain", "ours_norms", *args.methods}
             methods = {k: f for k, f in methods.items() if k in keep}
         for fn in methods.values():
@@ -449,8 +519,16 @@ def run(args: argparse.Namespace) -> dict:
                 times[k].append(v)
                 ratios[k].append(v / this["plain"][0])
                 faults[k].append(f)
+        replay0, t0 = last_resort.replay_seconds(), time.perf_counter()
+        for _ in range(args.steps):
+            methods["ours_norms"]()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        replay_share = (last_resort.replay_seconds() - replay0) / (time.perf_counter() - t0)
         out["models"][name] = {
             "batch": batch,
+            # share of ours_norms' wall time spent replaying modules without a rule (torch.func)
+            "replay_share": replay_share if device.type == "cpu" else None,
             "sync_free_capture": sync_free_capture(factory, loss_fn, x, y, device),
             # how ours_norms handled each Linear/Conv layer (adaptive.stats.planner)
             "plan": [
@@ -556,6 +634,11 @@ def markdown(res: dict) -> str:
                 f"{v['ratio_to_plain_min']:.2f}–{v['ratio_to_plain_max']:.2f} | "
                 f"{'-' if pf is None else f'{pf:.0f}'} |"
             )
+        if r.get("replay_share") is not None:
+            lines.append(
+                f"\nTime in last-resort replays (modules without a rule, torch.func): "
+                f"{100 * r['replay_share']:.0f}% of an `ours_norms` step (wall clock)."
+            )
         if r.get("plan"):
             lines += [
                 "",
@@ -580,7 +663,12 @@ def markdown(res: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--models", nargs="+", default=["cnn", "block"])
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["cnn", "block"],
+        help="model names; 'zoo' stands for " + ", ".join(ZOO),
+    )
     p.add_argument("--batches", nargs="+", type=int, default=None, help="one per model")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=5)
@@ -613,7 +701,11 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "stats_overhead"), help="path without suffix")
     args = p.parse_args()
     reexec_with_isa(args.isa)
+    if "zoo" in args.models:
+        i = args.models.index("zoo")
+        args.models[i : i + 1] = list(ZOO)
     defaults = {"cnn": 128, "block": 32, "resnet18gn": 256, "gpt2s": 8, "vitb16": 128}
+    defaults.update({k: v[2] for k, v in ZOO.items()})
     if args.batches is None:
         args.batches = [defaults[m] for m in args.models]
     if len(args.batches) != len(args.models):

@@ -67,8 +67,14 @@ def test_one_round_table_has_every_method_and_page_faults():
         assert {"plain", "ours_norms", "ours_all", "vmap"} <= set(methods)
         assert methods["plain"]["ratio_to_plain_median"] == 1.0
         assert all(m["median_page_faults_per_step"] >= 0 for m in methods.values())
+    # the machine and each layer's path are recorded: a speed result names its CPU
+    assert res["machine"]["instruction_sets"] and "kernel_build_used" in res["machine"]
+    plan = {e["layer"]: e for e in res["models"]["cnn"]["plan"]}
+    assert {"0", "3"} <= set(plan)  # the two convolutions
+    assert all(e["path"] in ("native", "materialise", "torch") for e in plan.values())
     table = bench.markdown(res)
     assert "| ours_norms |" in table and "page faults / step" in table
+    assert "instruction sets:" in table and "Path per layer" in table
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
