@@ -23,6 +23,7 @@ module (dropout in training mode) cannot be replayed and are refused, naming the
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +35,25 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from adaptive.stats.layers import UnsupportedModuleError
 
-__all__ = ["ModuleCall", "Tap", "per_sample_grads", "replaying", "tap_outputs"]
+__all__ = [
+    "ModuleCall",
+    "Tap",
+    "per_sample_grads",
+    "replay_seconds",
+    "replaying",
+    "tap_outputs",
+]
 
 _DEPTH = [0]  # replays in progress (process-wide: every sensor's hooks stand aside during one)
+_SECONDS = [0.0]  # host time spent in per_sample_grads, for the benchmark's share of it
+
+
+def replay_seconds() -> float:
+    """Host seconds spent replaying modules since the process started (the time of the calls
+    on CPU; on CUDA only the launch time, the kernels run asynchronously)."""
+    return _SECONDS[0]
+
+
 _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 
@@ -161,6 +178,16 @@ def per_sample_grads(
 ) -> dict[str, Tensor]:
     """``name -> (b, *param.shape)`` per-sample gradients of ``call.params`` (see the module
     docstring), in the parameters' dtype; outputs whose gradient is None carry none."""
+    start = time.perf_counter()
+    try:
+        return _per_sample_grads(name, call, grads, b)
+    finally:
+        _SECONDS[0] += time.perf_counter() - start
+
+
+def _per_sample_grads(
+    name: str, call: ModuleCall, grads: tuple[Tensor | None, ...], b: int
+) -> dict[str, Tensor]:
     used = [j for j, g in enumerate(grads) if g is not None]
     out_index = [call.out_index[j] for j in used]
     grads = tuple(grads[j] for j in used)
