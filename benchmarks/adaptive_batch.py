@@ -112,7 +112,7 @@ def lr_factor(rule: str, size: int, b0: int, stats) -> float:
     ``r = (σ² + μ²)/(σ²/S + μ²)`` at ``S = B/B0`` (Johnson et al. 2020, arXiv 2007.05105) with
     ``σ² = V/B0`` (the base batch's gradient variance, ``V`` the per-sample variance summed over
     coordinates) and ``μ² = ‖ḡ‖² − V/b`` (unbiased), from the statistics of the decision step, as
-    :class:`callbacks.AdaptiveBatchSize` does.
+    :class:`adaptive.callbacks.AdaptiveBatchSize` does.
     """
     if rule == "adascale":
         variance = float(stats.variance)

@@ -5,7 +5,7 @@ the CIFAR stem (3x3 stride-1 first convolution, no max-pool), AdaGrad, ``b0 = 8`
 norm test with η = 0.5 up to 50000 (micro-batches of at most 128 per device, then gradient
 accumulation), lr 5e-2 with a linear warmup over 1M samples and a cosine decay to 5e-3 at 9M
 samples, budget 10M samples (200 epochs). The schedule is indexed by samples seen, so it is
-unaffected by the batch growing (``adaptive.schedules.WSDScheduler`` + ``callbacks.SampleClock``).
+unaffected by the batch growing (``adaptive.schedules.WSDScheduler`` + ``adaptive.callbacks.SampleClock``).
 
 Normalisation: ``--norm group`` (GroupNorm, per-sample statistics exact) or ``--norm batch``
 (BatchNorm without running statistics, as the authors; BatchNorm couples the samples of a batch,

@@ -9,7 +9,7 @@ Optimizer: LAMB (You et al. 2019, arXiv 1904.00962, Algorithm 2; ``adaptive.opti
 (Wightman, Touvron, Jégou 2021, arXiv 2110.00476) uses for LAMB: lr 5e-3 at a global batch of
 2048, weight decay 0.02, 5 warmup epochs.
 
-Schedule, clocked in samples seen (``callbacks.SampleClock``), so it stays right when the batch
+Schedule, clocked in samples seen (``adaptive.callbacks.SampleClock``), so it stays right when the batch
 grows or selection drops samples:
 
 - ``--schedule wsd``: warmup (linear), constant, then a ``--decay-shape`` decay over the last

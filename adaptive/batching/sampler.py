@@ -19,7 +19,7 @@ only counts samples can also read each batch's true size from the batch itself.
 ``len(sampler)`` is the number of batches the current epoch will have under the sizes scheduled
 so far (:meth:`num_batches`): it shrinks when a larger size is scheduled, so a consumer that
 trusts a length (a progress bar, Lightning's end-of-epoch detection) must re-read it after each
-change; ``callbacks.AdaptiveBatchSize`` does that for Lightning.
+change; ``adaptive.callbacks.AdaptiveBatchSize`` does that for Lightning.
 
 Where the indices come from. By default (``AdaptiveBatchSampler(num_samples, ...)``) epoch ``e``
 is the permutation drawn from ``seed + e`` (or ``0..n-1`` with ``shuffle=False``). Given a user

@@ -2,7 +2,7 @@
 
 All schedulers are ``torch.optim.lr_scheduler.LRScheduler`` subclasses; call
 ``sched.step(samples=..., tokens=...)`` after each optimizer step (or let
-``callbacks.SampleClock`` do it under Lightning). See ``ALGORITHMS.md`` section 4.
+``adaptive.callbacks.SampleClock`` do it under Lightning). See ``ALGORITHMS.md`` section 4.
 """
 
 from .clock import SampleClockedScheduler

@@ -132,7 +132,7 @@ class SampleClockedScheduler(LRScheduler):
             raise RuntimeError(
                 f"{type(self).__name__}.step() found no samples consumed since the last step. "
                 "Pass step(samples=..., tokens=...), record micro-batches with consume(), or add "
-                "the callbacks.SampleClock callback to the Trainer; if you did, the scheduler is "
+                "the adaptive.callbacks.SampleClock callback to the Trainer; if you did, the scheduler is "
                 "being stepped twice per optimizer step (e.g. by Lightning's interval='step' and "
                 "by hand)."
             )

@@ -6,7 +6,7 @@
 - :class:`UniformSelector`, :class:`HighLossSelector` (Jiang et al. 2019),
   :class:`RhoLossSelector` (Mindermann et al. 2022), with :func:`per_sample_loss`.
 
-All are framework-free; ``callbacks.OnlineBatchSelection`` wires the selectors into Lightning.
+All are framework-free; ``adaptive.callbacks.OnlineBatchSelection`` wires the selectors into Lightning.
 """
 
 from adaptive.selection.baselines import (
