@@ -16,23 +16,23 @@ from setuptools import Extension, setup
 COMMON = ["-O3", "-fopenmp", "-ffp-contract=fast"]
 MACHINE = platform.machine().lower()
 
-if MACHINE in ("x86_64", "amd64"):
-    TARGETS = {
-        "avx512": [
-            "-mavx512f",
-            "-mavx512vl",
-            "-mavx512bw",
-            "-mavx512dq",
-            "-mavx2",
-            "-mfma",
-            "-mprefer-vector-width=512",
-            "-DADAPTIVE_TARGET_AVX512",
-        ],
-        "avx2": ["-mavx2", "-mfma", "-DADAPTIVE_TARGET_AVX2"],
-        "generic": [],  # x86-64 baseline (SSE2)
-    }
-else:
-    TARGETS = {"generic": []}  # aarch64: NEON is part of the baseline
+# Flags per build (tests/stats/test_stats_native_targets.py builds a test harness with each)
+X86_TARGETS = {
+    "avx512": [
+        "-mavx512f",
+        "-mavx512vl",
+        "-mavx512bw",
+        "-mavx512dq",
+        "-mavx2",
+        "-mfma",
+        "-mprefer-vector-width=512",
+        "-DADAPTIVE_TARGET_AVX512",
+    ],
+    "avx2": ["-mavx2", "-mfma", "-DADAPTIVE_TARGET_AVX2"],
+    "generic": [],  # x86-64 baseline (SSE2)
+}
+ARM_TARGETS = {"generic": []}  # aarch64: NEON is part of the baseline
+TARGETS = X86_TARGETS if MACHINE in ("x86_64", "amd64") else ARM_TARGETS
 
 setup(
     ext_modules=[

@@ -3,8 +3,11 @@ reference, and the run-time choice among the builds."""
 
 from __future__ import annotations
 
+import ast
+import os
 import platform
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,35 @@ from adaptive.stats import native
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 EXPECTED = list(native.TARGETS) if X86 else ["generic"]
+ROOT = Path(__file__).parents[2]
+HARNESS = Path(__file__).with_name("kernel_harness.c")
+KERNEL = ROOT / "adaptive" / "stats" / "_kernels.c"
+
+
+def setup_flags() -> dict[str, object]:
+    """COMMON, X86_TARGETS and ARM_TARGETS as setup.py defines them (read, not run)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    names = ("COMMON", "X86_TARGETS", "ARM_TARGETS")
+    return {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id in names
+    }
+
+
+def build_and_run(compiler: str, flags: list[str], out: Path, runner: list[str], env=None):
+    """Compile the harness with the kernel and run it; (blocking it reports, its output)."""
+    subprocess.run(
+        [compiler, *flags, "-o", str(out), str(HARNESS), str(KERNEL), "-lm"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    res = subprocess.run([*runner, str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and res.stdout.rstrip().endswith("ok"), res.stdout + res.stderr
+    return int(res.stdout.split()[1]), res.stdout
 
 
 def workspace():
@@ -98,6 +130,39 @@ def test_target_conv_against_unfold(name, shared, threads, monkeypatch):
         assert rel(s, per.sum(0)) < 1e-5
         assert rel(sq, per.square().sum((1, 2))) < 1e-5
         assert rel(q, per.square().sum(0)) < 1e-5
+
+
+@pytest.mark.skipif(not X86 or shutil.which("cc") is None, reason="x86-64 with a C compiler")
+@pytest.mark.parametrize("name", list(native.TARGETS))
+def test_each_x86_build_of_setup_py_passes_the_harness(name, tmp_path):
+    """The C file itself, built with exactly setup.py's flags for the target, against naive
+    double-precision loops (tests/stats/kernel_harness.c)."""
+    if not native.supported(name):
+        pytest.skip(f"this CPU lacks {sorted(native.TARGETS[name])} for build {name!r}")
+    flags = setup_flags()
+    blocking, _ = build_and_run(
+        "cc", flags["COMMON"] + flags["X86_TARGETS"][name], tmp_path / name, []
+    )
+    assert blocking == native._BLOCKING.get(name, blocking)
+
+
+@pytest.mark.skipif(
+    shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+    reason="64-bit Arm needs a cross compiler and qemu-user "
+    "(apt-get install gcc-aarch64-linux-gnu libgomp1-arm64-cross qemu-user)",
+)
+def test_the_arm_build_passes_the_harness_under_qemu(tmp_path):
+    flags = setup_flags()
+    env = {**os.environ, "QEMU_LD_PREFIX": "/usr/aarch64-linux-gnu"}
+    blocking, out = build_and_run(
+        "aarch64-linux-gnu-gcc",
+        flags["COMMON"] + flags["ARM_TARGETS"]["generic"],
+        tmp_path / "arm",
+        ["qemu-aarch64"],
+        env,
+    )
+    assert blocking // 10000 == 4  # NEON: 4 floats a vector
+    assert out.count("\n") >= 6
 
 
 def _fresh_choice(monkeypatch, features: frozenset[str], env: str | None = None) -> str | None:

@@ -1,0 +1,105 @@
+/* The compiled kernel (adaptive/stats/_kernels.c) against naive loops in double precision,
+ * as a program of its own: tests/stats/test_stats_native_targets.py builds it with each
+ * target's flags (and for 64-bit Arm with a cross compiler, run under qemu where present).
+ * Prints one line per case and exits 0 when every relative error is below 1e-4. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+int adaptive_psg_linear(const float *d, long d_sb, long d_st, long d_so, const float *a,
+                        const long *geom, long b, long t_len, long o_len, long n, float *s,
+                        float *q, int split, int nt, float *norms, float *scratch);
+int adaptive_psg_conv(const float *d, long d_sb, long d_so, long d_st, const float *a,
+                      const long *geom, long b, long o_len, long n, float *s, float *q, int split,
+                      int nt, float *norms, float *scratch);
+int adaptive_psg_blocking(void);
+
+static float rnd(void) { return (float)rand() / RAND_MAX - 0.5f; }
+
+/* Linear: G_i[o, k] = sum_t d[i, t, o] a[i, t, k]; checks norms, sums and squares. */
+static int check_linear(long b, long T, long O, long N, int split, int nt) {
+    const long np = (N + 15) / 16 * 16, blocks = split ? 1 : nt;
+    float *a = malloc(sizeof(float) * b * T * N), *d = malloc(sizeof(float) * b * T * O);
+    for (long i = 0; i < b * T * N; i++) a[i] = rnd();
+    for (long i = 0; i < b * T * O; i++) d[i] = rnd();
+    float *s = calloc(blocks * O * np, sizeof(float)), *q = calloc(blocks * O * np, sizeof(float));
+    float *norms = calloc((split ? nt : 1) * b, sizeof(float));
+    float *scratch = calloc(nt * T * np, sizeof(float));
+    double *S = calloc(O * N, sizeof(double)), *Q = calloc(O * N, sizeof(double));
+    const long geom[3] = {T * N, N, 1};
+    const int used =
+        adaptive_psg_linear(d, T * O, O, 1, a, geom, b, T, O, N, s, q, split, nt, norms, scratch);
+    double err = 0, es = 0, eq = 0, smax = 0, qmax = 0;
+    for (long i = 0; i < b; i++) {
+        double want = 0, got = 0;
+        for (long o = 0; o < O; o++)
+            for (long k = 0; k < N; k++) {
+                double g = 0;
+                for (long t = 0; t < T; t++)
+                    g += (double)d[(i * T + t) * O + o] * a[(i * T + t) * N + k];
+                S[o * N + k] += g, Q[o * N + k] += g * g, want += g * g;
+            }
+        if (split)
+            for (int k = 0; k < used; k++) got += norms[k * b + i];
+        else
+            got = norms[i];
+        err = fmax(err, fabs(got - want) / want);
+    }
+    for (long o = 0; o < O; o++)
+        for (long k = 0; k < N; k++) {
+            double gs = 0, gq = 0;
+            for (long blk = 0; blk < (split ? 1 : used); blk++)
+                gs += s[(blk * O + o) * np + k], gq += q[(blk * O + o) * np + k];
+            smax = fmax(smax, fabs(S[o * N + k])), qmax = fmax(qmax, Q[o * N + k]);
+            es = fmax(es, fabs(gs - S[o * N + k])), eq = fmax(eq, fabs(gq - Q[o * N + k]));
+        }
+    err = fmax(err, fmax(es / smax, eq / qmax));
+    printf("linear b%ld t%ld o%ld n%ld split%d threads%d: %.2e\n", b, T, O, N, split, nt, err);
+    free(a), free(d), free(s), free(q), free(norms), free(scratch), free(S), free(Q);
+    return err < 1e-4;
+}
+
+/* Convolution without padding: checks the per-sample norms. */
+static int check_conv(long b, long C, long O, long H, long W, long kh, long kw, long st, int nt) {
+    const long ho = (H - kh) / st + 1, wo = (W - kw) / st + 1, T = ho * wo, n = C * kh * kw;
+    const long opad = (O + 15) / 16 * 16, npad = (n + 15) / 16 * 16;
+    float *a = malloc(sizeof(float) * b * C * H * W), *d = malloc(sizeof(float) * b * O * T);
+    for (long i = 0; i < b * C * H * W; i++) a[i] = rnd();
+    for (long i = 0; i < b * O * T; i++) d[i] = rnd();
+    float *s = calloc(nt * npad * opad, sizeof(float)), *norms = calloc(b, sizeof(float));
+    float *scratch = calloc(nt * T * opad, sizeof(float));
+    const long geom[12] = {C * H * W, H * W, W, 1, wo, kh, kw, st, st, 1, 1, ho};
+    adaptive_psg_conv(d, O * T, T, 1, a, geom, b, O, n, s, NULL, 0, nt, norms, scratch);
+    double err = 0;
+    for (long i = 0; i < b; i++) {
+        double want = 0;
+        for (long o = 0; o < O; o++)
+            for (long c = 0; c < C; c++)
+                for (long u = 0; u < kh; u++)
+                    for (long v = 0; v < kw; v++) {
+                        double g = 0;
+                        for (long y = 0; y < ho; y++)
+                            for (long x = 0; x < wo; x++)
+                                g += (double)d[(i * O + o) * T + y * wo + x] *
+                                     a[((i * C + c) * H + y * st + u) * W + x * st + v];
+                        want += g * g;
+                    }
+        err = fmax(err, fabs(norms[i] - want) / want);
+    }
+    printf("conv b%ld c%ld o%ld %ldx%ld k%ldx%ld s%ld threads%d: %.2e\n", b, C, O, H, W, kh, kw,
+           st, nt, err);
+    free(a), free(d), free(s), free(norms), free(scratch);
+    return err < 1e-4;
+}
+
+int main(void) {
+    printf("blocking %d\n", adaptive_psg_blocking());
+    int ok = 1;
+    ok &= check_linear(5, 7, 13, 37, 0, 2);
+    ok &= check_linear(4, 9, 50, 70, 1, 2);
+    ok &= check_linear(3, 1, 8, 16, 0, 1);
+    ok &= check_conv(3, 3, 20, 9, 10, 3, 2, 2, 2);
+    ok &= check_conv(2, 5, 40, 6, 6, 1, 1, 1, 1);
+    puts(ok ? "ok" : "FAILED");
+    return !ok;
+}
