@@ -50,12 +50,24 @@ $(VENV)/.data: $(VENV)/.project
 	$(PY) -m adaptive.data mnist
 	touch $@
 
+# test-only: a cross compiler and qemu-user, so the kernel's 64-bit Arm build is compiled and run
+# by the tests on x86-64 too (without them, as without root, that test is skipped)
+CROSS_PACKAGES := gcc-aarch64-linux-gnu libgomp1-arm64-cross qemu-user
+$(VENV)/.cross: $(VENV)/.data
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "$$(uname -m)" = x86_64 ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends $(CROSS_PACKAGES) \
+		|| { apt-get update -q && apt-get install -y -q --no-install-recommends $(CROSS_PACKAGES); } \
+		|| echo "could not install $(CROSS_PACKAGES): the Arm kernel test will be skipped"; \
+	fi
+	touch $@
+
 setup: $(VENV)/.data ## create .venv, install torch, the project, its test extras and the offline data
 
 demo: setup ## train the demo runs on real Fashion-MNIST; prints a table, writes results/demo/
 	$(VENV)/bin/adaptive demo $(DEMO_ARGS)
 
-test: setup ## lint, then run the whole test suite
+test: setup $(VENV)/.cross ## lint, then run the whole test suite
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
