@@ -588,6 +588,7 @@ class GradientStatistics(UseTracking):
             return None
         if replaying() or (not output.requires_grad and site.name not in mb.toggled):
             return None
+        self._refuse_recompute(site.name)
         # a second call is a second use of the parameters: their per-sample gradients are then
         # summed over the uses (uses.py)
         mb.seen.add(site.name)

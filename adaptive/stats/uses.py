@@ -90,6 +90,17 @@ class UseTracking:
                 self._handles.append(p.register_hook(partial(self._on_leaf_grad, full)))
 
     # ------------------------------------------------------------------ uses
+    @staticmethod
+    def _refuse_recompute(name: str) -> None:
+        """A forward inside backward is a recomputation (activation checkpointing): its uses
+        would be counted after some of the per-sample gradients were already reduced."""
+        if torch._C._current_graph_task_id() != -1:
+            raise UnsupportedModuleError(
+                f"module '{name}' ran its forward during backward (activation checkpointing "
+                "recomputes it): the sensor counts each parameter's uses in the forward, before "
+                "any gradient. Capture without checkpointing, or pass fallback='groups'"
+            )
+
     def _use(self, mb: _MicroBatch, fulls: Any) -> None:
         for full in fulls:
             mb.uses[full] = mb.uses.get(full, 0) + 1
@@ -192,6 +203,7 @@ class UseTracking:
         mb = self._current
         if mb is None or replaying() or not torch.is_grad_enabled() or not mb.replay_stack:
             return None
+        self._refuse_recompute(site.name)
         before = mb.replay_stack.pop()
         params = {loc: p for loc, (_, p) in site.params.items()}
         fulls = {loc: f for loc, (f, _) in site.params.items()}

@@ -5,6 +5,8 @@ against torch.func per-sample gradients of the whole model, 1e-4 relative)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,9 @@ def close(got: Tensor, want: Tensor, what: str = "", rtol: float = 1e-4) -> None
     assert err <= rtol, f"{what}: relative error {err:.2e}"
 
 
-def check(model: nn.Module, x: Tensor, y: Tensor, loss_fn=F.cross_entropy, **kwargs) -> None:
+def check(
+    model: nn.Module, x: Tensor, y: Tensor, loss_fn=F.cross_entropy, before_reference=None, **kwargs
+) -> None:
     """One capture with every option against torch.func, all statistics."""
     g = torch.Generator().manual_seed(3)
     target = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
@@ -49,6 +53,8 @@ def check(model: nn.Module, x: Tensor, y: Tensor, loss_fn=F.cross_entropy, **kwa
     with stats.capture(group_ids=groups):
         loss_fn(model(x), y).backward()
     s = stats.result()
+    if before_reference is not None:
+        before_reference()
     ref = reference_statistics(
         per_sample_gradients(model, loss_fn, x, y), target=target, group_ids=groups, num_groups=2
     )
@@ -380,10 +386,63 @@ def test_group_fallback_with_keyword_inputs():
         def forward(self, *, x: Tensor) -> Tensor:
             return self.bn(self.fc(x))
 
-    model = KW()
-    stats = GradientStatistics(model, fallback="groups")
-    for part in torch.randn(6, 4).split(3):
+    # the sensor is given a holder whose own forward never runs (a LightningModule whose
+    # training_step calls its network): the size comes from the first module called
+    holder = nn.Module()
+    holder.net = KW()
+    reference = copy.deepcopy(holder.net)
+    stats = GradientStatistics(holder, fallback="groups")
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    parts = list(zip(x.split((2, 4)), t.split((2, 4)), strict=True))
+    for part, tp in parts:
         with stats.capture():
-            (model(x=part).square().mean() / 2).backward()
+            ((holder.net(x=part) - tp).square().mean() / 2).backward()
     s = stats.result()
-    assert s.method == "groups" and s.batch_size == 6 and torch.isfinite(s.variance)
+    assert s.method == "groups" and s.batch_size == 6
+    means = []  # each micro-batch's mean gradient by plain autograd
+    for part, tp in parts:
+        reference.zero_grad()
+        (reference(x=part) - tp).square().mean().backward()
+        means.append(torch.cat([p.grad.reshape(-1) for p in reference.parameters()]).double())
+    m = torch.tensor([2.0, 4.0], dtype=torch.float64)
+    gbar = (m[0] * means[0] + m[1] * means[1]) / 6
+    want = (
+        m[0] * means[0].square().sum() + m[1] * means[1].square().sum()
+    ) - 6 * gbar.square().sum()
+    close(s.grad_sq_norm, gbar.square().sum(), "grad_sq_norm")
+    close(s.variance, want, "variance")  # K - 1 = 1
+
+
+class Ckpt(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.on = True
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(self.a, x, use_reentrant=self.reentrant) if self.on else self.a(x)
+        return self.b(torch.tanh(h))
+
+
+def test_activation_checkpointing_without_reentrance_is_exact():
+    torch.manual_seed(0)
+    model = Ckpt(reentrant=False)
+
+    def off() -> None:  # torch.func does not run under checkpointing's saved-tensor hooks
+        model.on = False
+
+    check(model, torch.randn(5, 4), torch.randint(0, 3, (5,)), before_reference=off)
+
+
+def test_reentrant_activation_checkpointing_is_refused():
+    model = Ckpt(reentrant=True)
+    stats = GradientStatistics(model)
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(UnsupportedModuleError, match=r"'a' ran its forward during backward"):
+        with stats.capture():
+            model(x).sum().backward()

@@ -83,6 +83,13 @@ def llama(tie: bool, pad: bool = False):
     return _hf_lm(LlamaConfig, LlamaForCausalLM, tie, pad)
 
 
+def gemma():
+    """Gemma scales its embedding output by sqrt(d) in the Embedding subclass's own forward."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    return _hf_lm(GemmaConfig, GemmaForCausalLM, tie=True, head_dim=8)
+
+
 def qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -367,6 +374,7 @@ MODELS: dict[str, Callable] = {
     "llama_tied": lambda: llama(tie=True),
     "llama_padded": lambda: llama(tie=True, pad=True),
     "qwen2": qwen2,
+    "gemma": gemma,
     "gpt2": gpt2,
     "bert": bert,
     "timm_vit": timm_vit,
