@@ -15,7 +15,11 @@ AVX-512 CPU lost 3-5x to torch on an AVX2 one), so on CPU the sensor does not gu
 time a shape is seen it runs every candidate on the real operands (one warm-up, then the best of
 ``repeats`` interleaved timings) and keeps the fastest for the process; it measures again at the
 shape's 16th and 256th call, each path keeping its best time, so that a first measurement on a
-busy machine does not decide for the whole run.
+busy machine does not decide for the whole run. With ``ADAPTIVE_PLAN_CACHE=<file.json>`` the
+measurements are kept in that file and later processes on the same machine (a run resumed from
+a checkpoint, a rerun) use them without measuring: the same paths, so the same bits. Without it,
+two processes may choose differently where paths are close in time; their statistics and
+gradients then agree to float32 rounding, not bit for bit (pin them with ``paths=`` for that).
 On CUDA nothing is timed (timing needs a host synchronisation): the layer rule's cost model
 (``materialising_pays``) decides. ``GradientStatistics(paths={layer: path})`` overrides the
 choice per layer, and ``GradientStatistics.plan()`` shows every choice with its reason.
@@ -23,7 +27,10 @@ choice per layer, and ``GradientStatistics.plan()`` shows every choice with its 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PATHS", "PathPlanner", "PlanEntry", "clear_cache", "fastest"]
+__all__ = ["CACHE_ENV", "PATHS", "PathPlanner", "PlanEntry", "clear_cache", "fastest"]
 
 PATHS = ("native", "materialise", "torch")
 _log = logging.getLogger(__name__)
@@ -46,10 +53,83 @@ _USES: dict[tuple, int] = {}
 REMEASURE_AT = (16, 256)
 
 
+# ADAPTIVE_PLAN_CACHE=<file.json> keeps the measurements across processes: a later run on the
+# same machine (a resumed one, a rerun) reads them and measures nothing, so it takes the same
+# paths and computes the same bits. The file is tied to the CPU, the kernel builds and the
+# library versions; a file written elsewhere is ignored (and replaced).
+CACHE_ENV = "ADAPTIVE_PLAN_CACHE"
+_FROM_DISK: set[tuple] = set()  # keys read from the file: final, never measured again
+_loaded: str | None = None
+
+
+def _cache_header() -> dict[str, object]:
+    from adaptive import __version__
+    from adaptive.stats import native
+
+    m = native.machine()
+    return {
+        "adaptive": __version__,
+        "torch": torch.__version__,
+        **{k: m[k] for k in ("cpu", "arch", "instruction_sets", "kernel_builds")},
+    }
+
+
+def _load_disk_cache() -> None:
+    """Read ``ADAPTIVE_PLAN_CACHE`` once per path (if set and written on this machine)."""
+    global _loaded
+    path = os.environ.get(CACHE_ENV)
+    if not path or path == _loaded:
+        return
+    _loaded = path
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{CACHE_ENV}={path!r} is not a readable plan cache: {e}") from e
+    if not isinstance(saved, dict) or saved.get("header") != _cache_header():
+        _log.info("%s=%s was written on another machine or version: ignored", CACHE_ENV, path)
+        return
+    keys = {repr(k): k for k in _MEASURED}
+    for text, timings in saved.get("plans", {}).items():
+        key = keys.get(text, ("disk", text))
+        _MEASURED[key] = {p: float(t) for p, t in timings.items() if p in PATHS}
+        _FROM_DISK.add(key)
+
+
+def _save_disk_cache() -> None:
+    path = os.environ.get(CACHE_ENV)
+    if not path:
+        return
+    plans = {(k[1] if k[0] == "disk" else repr(k)): v for k, v in _MEASURED.items()}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"header": _cache_header(), "plans": plans}, f, indent=1)
+    os.replace(tmp, path)  # whole or not at all, for a reader in another process
+
+
+def _lookup(key: tuple) -> tuple[dict[str, float], bool]:
+    """(timings measured for ``key``, whether they came from the disk cache)."""
+    _load_disk_cache()
+    disk = ("disk", repr(key))
+    if disk in _MEASURED:  # read before this process built the key: adopt it under its tuple
+        _MEASURED[key] = _MEASURED.pop(disk)
+        _FROM_DISK.discard(disk)
+        _FROM_DISK.add(key)
+    return _MEASURED.get(key, {}), key in _FROM_DISK
+
+
 def clear_cache() -> None:
-    """Forget every measurement (the next capture of each shape measures again)."""
+    """Forget every measurement (the next capture of each shape measures again; a plan cache
+    file named by ``ADAPTIVE_PLAN_CACHE`` is read again)."""
+    global _loaded
     _MEASURED.clear()
     _USES.clear()
+    _FROM_DISK.clear()
+    _loaded = None
 
 
 def fastest(timings: Mapping[str, float]) -> str:
@@ -168,11 +248,12 @@ class PathPlanner:
         if a.device.type != "cpu":
             return entry(candidates[0], "cost model (nothing is timed off the CPU)"), None
         key = self.key(module, a, options)
-        timings = {p: t for p, t in _MEASURED.get(key, {}).items() if p in candidates}
+        known, from_disk = _lookup(key)
+        timings = {p: t for p, t in known.items() if p in candidates}
         uses = _USES[key] = _USES.get(key, 0) + 1
-        if set(timings) != set(candidates) or uses in REMEASURE_AT:
+        if set(timings) != set(candidates) or (uses in REMEASURE_AT and not from_disk):
             return "measure", key
-        return entry(fastest(timings), "measured", timings), None
+        return entry(fastest(timings), "plan cache" if from_disk else "measured", timings), None
 
     def measure(
         self,
@@ -194,6 +275,8 @@ class PathPlanner:
         before = _MEASURED.get(key, {})
         best = {p: min(t, before.get(p, t)) for p, t in best.items()}
         _MEASURED[key] = {**before, **best}
+        _FROM_DISK.discard(key)
+        _save_disk_cache()
         path = fastest(best)
         ms = {p: t * 1e3 for p, t in best.items()}
         self._record(

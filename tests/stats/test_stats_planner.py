@@ -5,6 +5,11 @@ gradients, and overrides are honoured or refused clearly."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -222,3 +227,77 @@ def test_plan_is_readable_and_logged(models, caplog):
     assert lines["fc1"].startswith("fc1 (Linear [3, 16, 16], ")
     assert "torch [override]" in lines["fc1"]
     assert "measured; " in lines["fc2"] and " ms" in lines["fc2"]
+
+
+def test_plan_cache_file_is_reused_without_measuring(tmp_path, monkeypatch):
+    path = tmp_path / "plans" / "cache.json"
+    monkeypatch.setenv(planner.CACHE_ENV, str(path))
+    clock = Clock({"native": 5e-3, "materialise": 2e-3, "torch": 3e-3})
+    layer, a = torch.nn.Linear(4, 6), torch.zeros(2, 3, 4)
+    every = ("native", "materialise", "torch")
+    first = PathPlanner(timer=clock, repeats=1)
+    _, key = first.choose("fc", layer, a, every, ())
+    first.measure("fc", layer, a, key, {p: clock.run(p) for p in every})
+    saved = json.loads(path.read_text())
+    assert saved["header"]["cpu"] == native.machine()["cpu"]
+    assert list(saved["plans"].values()) == [
+        pytest.approx({"native": 5e-3, "materialise": 2e-3, "torch": 3e-3})
+    ]
+    # a new process (simulated: the in-memory measurements forgotten) reads the file and
+    # neither measures now nor at the calls where a measured shape is measured again
+    planner.clear_cache()
+    later = PathPlanner(timer=lambda: pytest.fail("measured although the plan was cached"))
+    for _ in range(planner.REMEASURE_AT[0] + 1):
+        assert later.choose("fc", layer, a, every, ()) == ("materialise", None)
+    assert later.plan()[0].reason == "plan cache"
+    # a file from another machine or version is ignored
+    saved["header"]["cpu"] = "another CPU"
+    path.write_text(json.dumps(saved))
+    planner.clear_cache()
+    assert PathPlanner().choose("fc", layer, a, every, ())[0] == "measure"
+    path.write_text("{not json")
+    planner.clear_cache()
+    with pytest.raises(ValueError, match=r"ADAPTIVE_PLAN_CACHE=.* is not a readable plan cache"):
+        PathPlanner().choose("fc", layer, a, every, ())
+
+
+def test_a_second_process_takes_the_cached_paths(tmp_path):
+    """Two real processes with the same ADAPTIVE_PLAN_CACHE: the second measures nothing and
+    takes the first one's paths, so its gradients are the same bits."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, torch
+            from torch import nn
+            from adaptive.stats import GradientStatistics
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+                                  nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+            x = torch.randn(16, 1, 12, 12)
+            stats = GradientStatistics(model)
+            with stats.capture():
+                model(x).square().mean().backward()
+            stats.result()
+            print(";".join(f"{e.layer}={e.path}/{e.reason}" for e in stats.plan()))
+            torch.save([p.grad for p in model.parameters()], sys.argv[1])
+            """
+        )
+    )
+    env = {**os.environ, planner.CACHE_ENV: str(tmp_path / "cache.json")}
+
+    def run(out):
+        res = subprocess.run(
+            [sys.executable, str(script), str(out)], env=env, capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr
+        return dict(item.split("=") for item in res.stdout.strip().split(";"))
+
+    first, second = run(tmp_path / "g1.pt"), run(tmp_path / "g2.pt")
+    assert {k: v.split("/")[0] for k, v in first.items()} == {
+        k: v.split("/")[0] for k, v in second.items()
+    }
+    assert all(v.endswith("/plan cache") for k, v in second.items() if k in ("0", "2"))
+    g1 = torch.load(tmp_path / "g1.pt", weights_only=True)
+    g2 = torch.load(tmp_path / "g2.pt", weights_only=True)
+    assert all(torch.equal(p, q) for p, q in zip(g1, g2, strict=True))
