@@ -14,15 +14,22 @@ from torch.optim import Optimizer
 from . import lamb_triton
 from ._common import (
     DEFAULT_CPU_BLOCK,
+    as_step_tensor,
     check_betas,
     check_cpu_block,
     check_foreach,
     check_interval,
+    check_lr,
     check_number,
+    check_state,
+    check_step,
     dense_grad,
     fp32_view,
+    load_state_dict_restoring,
     restore_state_dtypes,
+    settle_state,
     state_dtype,
+    step_lr,
 )
 
 __all__ = ["Lamb"]
@@ -50,8 +57,8 @@ class Lamb(Optimizer):
     tensors can learn). With every option at its default this is exactly the paper's algorithm
     for every tensor it is given: no gradient clipping, weight decay inside the trust ratio.
 
-    The public implementations depart from the paper in different ways; each departure is an
-    explicit option here:
+    The public implementations depart from the paper in different ways; the departures of apex,
+    timm, DeepSpeed and jettify are explicit options here:
 
     - ``max_grad_norm``: divide all gradients by ``max(1, ‖g‖_global / max_grad_norm)``, the norm
       taken over every parameter of every group (apex and timm default to 1.0).
@@ -68,6 +75,18 @@ class Lamb(Optimizer):
     - ``adapt_without_decay=False``: groups whose ``weight_decay`` is 0 take the plain step
       (ratio 1), as apex (without ``use_nvlamb``) and timm (without ``always_adapt``) do.
     - ``adapt=False`` (usually per group, see :func:`param_groups_for`): ratio 1 for that group.
+
+    pytorch-optimizer's ``Lamb`` is not among them: by default (``adam_debias=False``) it divides
+    the step by :math:`1-\beta_1^t` while leaving :math:`v` uncorrected, and it takes the ratio
+    as :math:`\phi(\lVert x\rVert)/(\lVert u\rVert + \epsilon)`; no combination of these options
+    does either (its decoupled decay and :math:`\phi` clamp to [0, 10] are
+    ``decoupled_decay=True`` and ``weight_norm_clip=(0, 10)``).
+
+    ``lr`` may be a one-element tensor (as in torch's SGD and Adam), which an LR scheduler updates
+    in place; a CPU tensor gives exactly the numbers of the same float. The global clipping norm
+    is taken in float64 when a gradient is float64. A state that does not fit its parameter
+    (shape, dtype, device: a checkpoint of other parameters, or of these in another order)
+    raises before any kernel runs.
 
     The step counts live on the parameter's device, so no step reads a value back to the host.
     Parameters in bf16/fp16 keep fp32 moments; the step is computed in fp32 and written back.
@@ -86,7 +105,7 @@ class Lamb(Optimizer):
 
     Args:
         params: parameters or parameter groups (see :func:`param_groups_for`).
-        lr: learning rate :math:`\eta` (>= 0).
+        lr: learning rate :math:`\eta` (>= 0), a float or a one-element tensor.
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
         eps: :math:`\epsilon` (> 0), added to :math:`\sqrt{\hat v}`.
         weight_decay: :math:`\lambda` (>= 0).
@@ -110,7 +129,7 @@ class Lamb(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.01,
@@ -147,8 +166,15 @@ class Lamb(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        group["lr"] = check_number("lr", group["lr"], low=0.0)
+        try:
+            self._check_group(self.param_groups[-1])
+        except BaseException:
+            self.param_groups.pop()  # a rejected group must not stay (nor block a corrected retry)
+            raise
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        group["lr"] = check_lr(group["lr"])
         group["betas"] = check_betas("betas", group["betas"])
         group["eps"] = check_number("eps", group["eps"], low=0.0, low_open=True)
         group["weight_decay"] = check_number("weight_decay", group["weight_decay"], low=0.0)
@@ -170,22 +196,41 @@ class Lamb(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        settle_state(self)
         self._scratch = {}
+        for group in self.param_groups:  # step counts pickled as plain numbers
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st and not isinstance(st["step"], Tensor):
+                    st["step"] = as_step_tensor(st["step"], p.device)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict, _STATE_KEYS)
+        """Load a state dict; moments keep their dtype (fp32 for bf16/fp16 parameters).
 
-    def _clip_divisor(self) -> Tensor | None:
-        """``max(1, ‖g‖/max_grad_norm)`` over all gradients of all groups, as a device tensor."""
+        The dtypes are restored after the user's load pre-hooks and before their post-hooks; a
+        ``step`` saved as a plain number is loaded as a tensor.
+        """
+        load_state_dict_restoring(
+            self,
+            state_dict,
+            super().load_state_dict,
+            lambda opt, saved: restore_state_dtypes(opt, saved, _STATE_KEYS),
+        )
+
+    def _clip_divisor(self, grads: list[Tensor] | None = None) -> Tensor | None:
+        """``max(1, ‖g‖/max_grad_norm)`` over all gradients of all groups, as a device tensor.
+
+        The norm is taken in float64 when any gradient is float64, in float32 otherwise.
+        """
         if self.max_grad_norm is None:
             return None
-        grads = [
-            g
-            for gi, group in enumerate(self.param_groups)
-            for pi, p in enumerate(group["params"])
-            if (g := dense_grad("Lamb", p, gi, pi)) is not None
-        ]
+        if grads is None:
+            grads = [
+                g
+                for gi, group in enumerate(self.param_groups)
+                for pi, p in enumerate(group["params"])
+                if (g := dense_grad("Lamb", p, gi, pi)) is not None
+            ]
         if not grads:
             return None
         device = grads[0].device
@@ -193,7 +238,8 @@ class Lamb(Optimizer):
         norms = list(torch._foreach_norm(wide, 2)) if wide else []
         rest = [g for g in grads if g.dtype != torch.float64]
         norms += list(torch._foreach_norm(rest, 2, dtype=torch.float32)) if rest else []
-        total = torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+        dtype = torch.float64 if wide else torch.float32
+        total = torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]))
         return torch.clamp(total / self.max_grad_norm, min=1.0)
 
     def _scratch_for(self, p: Tensor) -> Tensor:
@@ -211,8 +257,9 @@ class Lamb(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        clip = self._clip_divisor()
-        fast = self.foreach is not False
+        # Gather and check every group before any kernel runs: a state that does not fit its
+        # parameter raises here, with nothing updated (the fused CPU kernel does not check).
+        gathered = []
         for gi, group in enumerate(self.param_groups):
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             for pi, p in enumerate(group["params"]):
@@ -224,13 +271,19 @@ class Lamb(Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p))
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p))
+                else:
+                    check_state("Lamb", gi, pi, p, state, ("exp_avg", "exp_avg_sq"))
+                    check_step("Lamb", gi, pi, p, state.get("step"))
                 params.append(p)
                 grads.append(g)
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
-            if not params:
-                continue
+            if params:
+                gathered.append((group, params, grads, exp_avgs, exp_avg_sqs, steps))
+        clip = self._clip_divisor([g for item in gathered for g in item[2]])
+        fast = self.foreach is not False
+        for group, params, grads, exp_avgs, exp_avg_sqs, steps in gathered:
             hp = _hyper(group, clip)
             # DTensor shards (FSDP2, tensor parallelism): the fast path works on flat local memory
             # and local norms, so sharded groups take the reference path, whose norms are global
@@ -245,7 +298,7 @@ class Lamb(Optimizer):
 def _hyper(group: dict[str, Any], clip: Tensor | None) -> dict[str, Any]:
     wd = group["weight_decay"]
     return dict(
-        lr=group["lr"],
+        lr=step_lr(group["lr"]),
         beta1=group["betas"][0],
         beta2=group["betas"][1],
         eps=group["eps"],
@@ -336,7 +389,8 @@ def _lamb_fast(
     """
     lr, beta1, beta2, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["weight_decay"]
     wd_in = 0.0 if hp["decoupled"] else wd  # decay inside the update u
-    shrink = 1.0 - lr * wd if hp["decoupled"] else 1.0  # decoupled decay x' = shrink * x
+    # decoupled decay x' = shrink * x (a tensor with a device or compiled tensor lr)
+    shrink = 1.0 - lr * wd if hp["decoupled"] and wd != 0.0 else None
     for (device, dtype), idx in _split_by_device_dtype(params).items():
         xs = [params[i] for i in idx]
         gs = [grads[i] for i in idx]
@@ -344,12 +398,14 @@ def _lamb_fast(
         vs = [exp_avg_sqs[i] for i in idx]
         st = [steps[i] for i in idx]
         torch._foreach_add_(st, 1.0)
-        clip = None if hp["clip"] is None else hp["clip"].to(device)
+        clip = None if hp["clip"] is None else hp["clip"].to(device, state_dtype(xs[0]))
         low = dtype not in (torch.float32, torch.float64)
         if device.type == "cpu" and opt.cpu_block > 0:
             _lamb_cpu_blocked(opt, xs, gs, ms, vs, st, clip, hp, wd_in, shrink, low)
             continue
-        if lamb_triton.takes(xs, gs, ms, vs):  # CUDA: two multi-tensor Triton passes
+        # CUDA: two multi-tensor Triton passes (their lr is a kernel argument: a device tensor
+        # lr would need a host sync, so it stays on the foreach path below)
+        if not isinstance(lr, Tensor) and lamb_triton.takes(xs, gs, ms, vs):
             lamb_triton.lamb_step(xs, gs, ms, vs, st, {**hp, "clip": clip})
             continue
         if hp["bias_correction"]:
@@ -400,7 +456,7 @@ def _lamb_cpu_blocked(
     clip: Tensor | None,
     hp: dict[str, Any],
     wd_in: float,
-    shrink: float,
+    shrink: float | Tensor | None,
     low: bool,
 ) -> None:
     """CPU: LAMB tensor by tensor, so that a tensor's update is applied while it is in cache.
@@ -560,7 +616,8 @@ def _moments_and_update_blocked(
         else:  # the fused kernel walks memory in order: strided tensors take the plain ops
             mp.lerp_(gp, 1 - beta1)
             vp.mul_(beta2).addcmul_(gp, gp, value=1 - beta2)
-            bc1, bc2 = 1 - torch.pow(beta1, step), 1 - torch.pow(beta2, step)
+            t = step.to(mp.dtype)  # fp64 parameters get fp64 corrections
+            bc1, bc2 = 1 - torch.pow(beta1, t), 1 - torch.pow(beta2, t)
             wp.addcdiv_(mp / bc1, (vp / bc2).sqrt_().add_(hp["eps"]))
         if hp["adapt"]:
             x_sq.append(_sq_norm(xp))
@@ -588,30 +645,32 @@ def _apply_update(
     x_norms: Tensor | None,
     w_norms: Tensor | None,
     hp: dict[str, Any],
-    shrink: float,
+    shrink: float | Tensor | None,
     low: bool,
     block: int = 0,
 ) -> None:
     """x <- shrink * x - lr * ratio * k * w (u = k * w), in fp32, written back to low precision.
 
-    With ``block > 0`` and one contiguous fp32/fp64 tensor, the update walks the tensor in pieces
-    from the end: the pieces the moment pass touched last are the ones still in cache.
+    ``shrink`` None means no decoupled decay (1). With ``block > 0`` and one contiguous
+    fp32/fp64 tensor, the update walks the tensor in pieces from the end: the pieces the moment
+    pass touched last are the ones still in cache.
     """
     lr = hp["lr"]
     coefs: list[Tensor] | None = None
     if x_norms is not None and w_norms is not None:
         u_norms = w_norms if k is None else w_norms * k
-        ratio = _trust_ratio(
-            x_norms * abs(shrink), u_norms, hp["weight_norm_clip"], hp["trust_clip"]
-        )
+        x_norms = x_norms if shrink is None else x_norms * abs(shrink)
+        ratio = _trust_ratio(x_norms, u_norms, hp["weight_norm_clip"], hp["trust_clip"])
         coefs = list((ratio * -lr if k is None else ratio * k * -lr).unbind())
     elif k is not None:
         coefs = list((k * -lr).unbind())
+    elif isinstance(lr, Tensor):  # no float to pass as alpha
+        coefs = [(-lr).to(xs[0].device)] * len(xs)
     if block > 0 and not low and len(xs) == 1 and xs[0].numel() > block:
         fx, fw = xs[0].view(-1), ws[0].view(-1)  # both contiguous (checked by the caller)
         for a in reversed(range(0, fx.numel(), block)):
             xp, wp = fx[a : a + block], fw[a : a + block]
-            if shrink != 1.0:
+            if shrink is not None:
                 xp.mul_(shrink)
             if coefs is not None:
                 xp.addcmul_(wp, coefs[0])
@@ -619,7 +678,9 @@ def _apply_update(
                 xp.add_(wp, alpha=-lr)
         return
     targets = ([x.float() for x in xs] if x32 is None else x32) if low else xs
-    if shrink != 1.0:
+    if shrink is not None:
+        if isinstance(shrink, Tensor):
+            shrink = shrink.to(xs[0].device)
         torch._foreach_mul_(targets, shrink)
     if coefs is not None:
         torch._foreach_addcmul_(targets, ws, coefs)

@@ -11,11 +11,16 @@ from torch.optim import Optimizer
 
 from ._common import (
     check_foreach,
+    check_lr,
     check_number,
+    check_state,
     dense_grad,
     fp32_view,
+    load_state_dict_restoring,
     restore_state_dtypes,
+    settle_state,
     state_dtype,
+    step_lr,
 )
 
 __all__ = ["Lars"]
@@ -38,9 +43,10 @@ class Lars(Optimizer):
         \quad(\text{Nesterov: } x \leftarrow x - \gamma (\rho d + \mu b))
 
     with :math:`\rho = 1` where :math:`\lVert x\rVert = 0` or the gradient norm is 0.
-    ``trust_norm="paper"`` is the denominator of the paper's Algorithm 1 shown above;
-    ``trust_norm="combined"`` uses :math:`\lVert g + \lambda x\rVert + \epsilon` instead
-    (pytorch-optimizer's form). Tensors with ``ndim <= 1`` (biases, normalisation weights) get
+    ``trust_norm="paper"`` is the denominator of the paper's Algorithm 1 shown above (also
+    pytorch-optimizer's ``LARS``, which has :math:`\epsilon = 0`); ``trust_norm="combined"``
+    uses the norm of the direction that is scaled, :math:`\lVert g + \lambda x\rVert +
+    \epsilon`, instead. Tensors with ``ndim <= 1`` (biases, normalisation weights) get
     neither the ratio nor weight decay while ``exclude_1d`` is True (the usual SimCLR/BYOL
     setting); a group with ``adapt=False`` gets no ratio either.
 
@@ -54,7 +60,7 @@ class Lars(Optimizer):
 
     Args:
         params: parameters or parameter groups.
-        lr: global learning rate :math:`\gamma` (>= 0).
+        lr: global learning rate :math:`\gamma` (>= 0), a float or a one-element tensor.
         momentum: :math:`\mu` in [0, 1).
         weight_decay: :math:`\lambda` (>= 0).
         trust_coefficient: :math:`\eta_{\text{trust}}` (> 0), 1e-3 in the paper.
@@ -69,7 +75,7 @@ class Lars(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1.0,
+        lr: float | Tensor = 1.0,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         trust_coefficient: float = 1e-3,
@@ -97,8 +103,15 @@ class Lars(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        group["lr"] = check_number("lr", group["lr"], low=0.0)
+        try:
+            self._check_group(self.param_groups[-1])
+        except BaseException:
+            self.param_groups.pop()  # a rejected group must not stay (nor block a corrected retry)
+            raise
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        group["lr"] = check_lr(group["lr"])
         group["momentum"] = check_number("momentum", group["momentum"], low=0.0, high=1.0)
         group["weight_decay"] = check_number("weight_decay", group["weight_decay"], low=0.0)
         group["trust_coefficient"] = check_number(
@@ -123,9 +136,21 @@ class Lars(Optimizer):
         state["foreach"] = self.foreach
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        settle_state(self)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict, ("momentum_buffer",))
+        """Load a state dict; momentum buffers keep their dtype (fp32 for bf16/fp16 parameters).
+
+        The dtypes are restored after the user's load pre-hooks and before their post-hooks.
+        """
+        load_state_dict_restoring(
+            self,
+            state_dict,
+            super().load_state_dict,
+            lambda opt, saved: restore_state_dtypes(opt, saved, ("momentum_buffer",)),
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -134,21 +159,30 @@ class Lars(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Gather and check every group before any update, so a bad state changes nothing.
+        gathered = []
         for gi, group in enumerate(self.param_groups):
             params, grads, bufs, adapted = [], [], [], []
             for pi, p in enumerate(group["params"]):
                 g = dense_grad("Lars", p, gi, pi)
                 if g is None:
                     continue
-                state = self.state[p]
-                if group["momentum"] != 0.0 and "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype(p))
+                buf = None
+                if group["momentum"] != 0.0:  # no momentum, no state (no empty entries either)
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype(p))
+                    else:
+                        check_state("Lars", gi, pi, p, state, ("momentum_buffer",))
+                    buf = state["momentum_buffer"]
                 params.append(p)
                 grads.append(g)
-                bufs.append(state.get("momentum_buffer"))
+                bufs.append(buf)
                 adapted.append(group["adapt"] and not (group["exclude_1d"] and p.ndim <= 1))
-            if not params:
-                continue
+            if params:
+                gathered.append((group, params, grads, bufs, adapted))
+        for group, params, grads, bufs, adapted in gathered:
+            group = {**group, "lr": step_lr(group["lr"])}
             if self.foreach is False:
                 _lars_reference(params, grads, bufs, adapted, group)
             else:
@@ -237,6 +271,9 @@ def _lars_fast(
                 steps = bs
         else:
             steps = ds
-        torch._foreach_add_(x32, steps, alpha=-lr)
+        if isinstance(lr, Tensor):  # a device or compiled tensor lr: no float for alpha
+            torch._foreach_addcmul_(x32, steps, [(-lr).to(xs[0].device)] * len(xs))
+        else:
+            torch._foreach_add_(x32, steps, alpha=-lr)
         if low:
             torch._foreach_copy_(xs, x32)
