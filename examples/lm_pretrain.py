@@ -727,8 +727,6 @@ def build(cfg: RunConfig, splits: dict[str, dict[str, np.ndarray]], out: Path | 
         growth_cb = DoublingWarmup(
             [f * cfg.tokens for f in cfg.warmup_milestones], cfg.context, **common
         )
-    if growth_cb is not None:
-        callbacks.append(growth_cb)
 
     val = {n: eval_windows(splits[n]["val"], cfg.context, cfg.eval_windows) for n in TEXT_DOMAINS}
     test = {n: eval_windows(splits[n]["test"], cfg.context, cfg.eval_windows) for n in TEXT_DOMAINS}
@@ -736,8 +734,11 @@ def build(cfg: RunConfig, splits: dict[str, dict[str, np.ndarray]], out: Path | 
     if cfg.mixture != "uniform":
         # the target: the validation mix (held-out documents), never the test documents
         counts = {n: max(1, round(cfg.target_batch * TARGET_MIX[n])) for n in TEXT_DOMAINS}
-        target = torch.cat([val[n][: counts[n]] for n in TEXT_DOMAINS])
-        mix = torch.cat([torch.full((counts[n],), TARGET_MIX[n] / counts[n]) for n in TEXT_DOMAINS])
+        parts = {n: eval_windows(splits[n]["val"], cfg.context, counts[n]) for n in TEXT_DOMAINS}
+        target = torch.cat([parts[n] for n in TEXT_DOMAINS])
+        mix = torch.cat(
+            [torch.full((len(parts[n]),), TARGET_MIX[n] / len(parts[n])) for n in TEXT_DOMAINS]
+        )
 
         def target_loss(m: pl.LightningModule) -> Tensor:
             return (window_losses(m.model, target.to(m.device)) * mix.to(m.device)).sum()
@@ -757,6 +758,11 @@ def build(cfg: RunConfig, splits: dict[str, dict[str, np.ndarray]], out: Path | 
             log=False,
         )
         callbacks.append(mixture_cb)
+    if growth_cb is not None:
+        # after DynamicMixture: its target-gradient pass runs in on_train_batch_start and must
+        # happen before the growth callback attaches its sensor for the same batch (a sensor
+        # attached earlier would capture the target batch as if it were training samples)
+        callbacks.append(growth_cb)
     recorder = Recorder(
         val, test, max(1, cfg.tokens // cfg.evals), [c for c in (growth_cb, mixture_cb) if c]
     )
