@@ -1,0 +1,498 @@
+"""Language-model pretraining with the whole toolkit, against tuned fixed batches (issue 21).
+
+Runs the grid of ``examples/lm_pretrain.py`` (a transformers Llama trained from scratch on the six
+text domains, byte-level, WSD schedule clocked in tokens) at one token budget per run:
+
+1. tuning, on validation: each fixed batch (small, medium, large) at each learning rate of a
+   three-point grid, one seed (``--tune-seed``); the lr with the lowest validation target-mix
+   loss is kept for that batch. Growth runs start at the small batch with the small batch's lr.
+2. the grid, over ``--seeds`` (the tuning seed's runs are reused): fixed small / medium / large
+   at their lrs, uniform mixing; fixed small with the mixture rule; every growth rule
+   (``norm`` and ``inner_product``: AdaptiveBatchSize; ``warmup``: the doubling warmup of Merrill
+   et al. 2025; ``noise_scale``: growth to the smoothed noise scale, McCandlish et al. 2018) with
+   uniform mixing and with the mixture rule (DynamicMixture, group influence).
+
+Reported on test (never used for a choice): target-mix test loss (mean, sd and spread =
+max − min over seeds), optimizer steps, tokens, wall time, the sensor's share of step time, and
+``steps_to_best_fixed_loss``: the optimizer steps a run needed to reach the final test loss of
+the best fixed run (the fixed, uniform configuration with the lowest mean test loss; its mean
+over seeds), read off the run's test-loss curve (evaluated ``--evals`` times over the budget,
+linearly interpolated between evaluations; null when never reached).
+
+Writes ``<out>/<name>.md``, ``.json`` (``runs``: name, kind, mixture, seed, test_loss, steps,
+tokens, steps_to_best_fixed_loss, ...) and ``.png``; finished runs are kept in
+``<out>/<name>.partial.json`` and reused with ``--resume``. ``--quick``: a tiny dry run of the
+whole pipeline (seconds per run). ``--plan``: list the runs and their total tokens (and the
+estimated wall time with ``--tokens-per-second``) without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _example():
+    name = "example_lm_pretrain"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "lm_pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+lm = _example()
+SIZES = ("small", "medium", "large")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--tokens", type=int, default=5_000_000, help="token budget of every run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tune-seed", type=int, default=0, help="seed of the lr-tuning runs")
+    p.add_argument(
+        "--batch-sizes", type=int, nargs=3, default=[8, 32, 128], help="small medium large"
+    )
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
+    p.add_argument(
+        "--growth-rules", nargs="+", default=["norm", "inner_product", "warmup", "noise_scale"]
+    )
+    p.add_argument("--mixture-rule", choices=lm.MIXTURES[1:], default="influence_exp")
+    p.add_argument("--max-batch-size", type=int, default=None, help="default: the large batch")
+    p.add_argument("--eta", type=float, default=0.5)
+    p.add_argument("--interval", type=int, default=4)
+    p.add_argument("--optimizer", choices=("adamw", "lamb"), default="adamw")
+    p.add_argument("--schedule", choices=("wsd", "power"), default="wsd")
+    p.add_argument("--evals", type=int, default=16)
+    p.add_argument("--eval-windows", type=int, default=48)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--train-bytes", type=int, default=3_000_000)
+    p.add_argument("--heldout-bytes", type=int, default=200_000)
+    p.add_argument("--cache", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--name", default=None, help="file stem (default lm_pretrain[_quick])")
+    p.add_argument("--resume", action="store_true", help="reuse <out>/<name>.partial.json")
+    p.add_argument("--quick", action="store_true", help="tiny model and budget: a dry run")
+    p.add_argument("--plan", action="store_true", help="list the runs, train nothing")
+    p.add_argument("--tokens-per-second", type=float, default=None, help="for --plan's estimate")
+    return p
+
+
+def base_config(args: argparse.Namespace) -> Any:
+    cfg = lm.RunConfig(
+        tokens=args.tokens,
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        eta=args.eta,
+        interval=args.interval,
+        evals=args.evals,
+        eval_windows=args.eval_windows,
+        threads=args.threads,
+    )
+    if args.quick:
+        for k, v in lm.QUICK.items():
+            setattr(cfg, k, v)
+        cfg.tokens = args.tokens
+    return cfg
+
+
+def config_name(growth: str, size: str, mixture: str) -> str:
+    head = f"fixed-{size}" if growth == "none" else growth
+    return head if mixture == "uniform" else f"{head}+{mixture}"
+
+
+def make(
+    base: Any,
+    args: argparse.Namespace,
+    *,
+    growth: str,
+    size: str,
+    lr: float,
+    mixture: str,
+    seed: int,
+) -> Any:
+    sizes = dict(zip(SIZES, args.batch_sizes, strict=True))
+    cfg = dataclasses.replace(
+        base,
+        growth=growth,
+        batch_size=sizes[size],
+        max_batch_size=args.max_batch_size or sizes["large"],
+        lr=lr,
+        mixture=mixture,
+        seed=seed,
+    )
+    cfg.max_micro_batch_size = min(cfg.max_micro_batch_size, cfg.max_batch_size)
+    cfg.name = f"{config_name(growth, size, mixture)}-lr{lr:g}-s{seed}"
+    cfg.check()
+    return cfg
+
+
+def tuning_jobs(base, args):
+    return [
+        make(base, args, growth="none", size=size, lr=lr, mixture="uniform", seed=args.tune_seed)
+        for size in SIZES
+        for lr in args.lrs
+    ]
+
+
+def grid_jobs(base, args, best_lr: dict[str, float]):
+    jobs = []
+    mix = args.mixture_rule
+    for seed in args.seeds:
+        for size in SIZES:
+            jobs.append(
+                make(
+                    base,
+                    args,
+                    growth="none",
+                    size=size,
+                    lr=best_lr[size],
+                    mixture="uniform",
+                    seed=seed,
+                )
+            )
+        jobs.append(
+            make(
+                base, args, growth="none", size="small", lr=best_lr["small"], mixture=mix, seed=seed
+            )
+        )
+        for rule in args.growth_rules:
+            for mixture in ("uniform", mix):
+                jobs.append(
+                    make(
+                        base,
+                        args,
+                        growth=rule,
+                        size="small",
+                        lr=best_lr["small"],
+                        mixture=mixture,
+                        seed=seed,
+                    )
+                )
+    return jobs
+
+
+def config_of(run: dict[str, Any]) -> str:
+    c = run["config"]
+    size = next((s for s, b in run["sizes"].items() if b == c["batch_size"]), str(c["batch_size"]))
+    return config_name(c["growth"], size, c["mixture"])
+
+
+def steps_to_reach(run: dict[str, Any], threshold: float) -> float | None:
+    """Optimizer steps at which the run's test curve first reaches ``threshold`` (linear
+    interpolation between evaluations); None when it never does."""
+    ev = run["evals"]
+    for a, b in itertools.pairwise(ev):
+        if b["test_loss"] <= threshold:
+            if a["test_loss"] <= threshold:
+                return float(a["step"])
+            f = (a["test_loss"] - threshold) / (a["test_loss"] - b["test_loss"])
+            return float(a["step"] + f * (b["step"] - a["step"]))
+    if ev and ev[0]["test_loss"] <= threshold:
+        return float(ev[0]["step"])
+    return None
+
+
+def summarise(runs: list[dict[str, Any]], order: list[str]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for name in order:
+        rs = [r for r in runs if r["config_name"] == name]
+        if not rs:
+            continue
+        loss = np.array([r["test_loss"] for r in rs])
+        table[name] = {
+            "kind": rs[0]["kind"],
+            "mixture": rs[0]["mixture"],
+            "lr": rs[0]["config"]["lr"],
+            "seeds": [r["seed"] for r in rs],
+            "test_loss_mean": float(loss.mean()),
+            "test_loss_sd": float(loss.std(ddof=1)) if len(loss) > 1 else 0.0,
+            "test_loss_spread": float(loss.max() - loss.min()),
+            "val_loss_mean": float(np.mean([r["val_loss"] for r in rs])),
+            "steps_mean": float(np.mean([r["steps"] for r in rs])),
+            "tokens": int(np.mean([r["tokens"] for r in rs])),
+            "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in rs])),
+            "sensor_share_mean": float(np.nanmean([r["sensor_share"] for r in rs])),
+            "final_batch_mean": float(
+                np.mean([r["batch_size_trajectory"][-1]["batch_size"] for r in rs])
+            ),
+        }
+        reached = [r["steps_to_best_fixed_loss"] for r in rs]
+        got = [s for s in reached if s is not None]
+        table[name]["steps_to_best_fixed_loss_mean"] = float(np.mean(got)) if got else None
+        table[name]["reached_best_fixed_loss"] = f"{len(got)}/{len(rs)}"
+    return table
+
+
+def write_markdown(path: Path, meta: dict, table: dict, goals: list[str], tuning: list[dict]):
+    lines = [
+        f"# LM pretraining with the whole toolkit{' (QUICK DRY RUN: not a result)' if meta['quick'] else ''}",
+        "",
+        f"Machine: {meta['machine']}, {meta['cpus']} CPUs (shared), torch {meta['torch']}, "
+        f"{meta['date']}. Model: {meta['model']}. Budget {meta['tokens']:,} tokens per run; seeds "
+        f"{meta['seeds']}; {meta['optimizer']}, {meta['schedule']} schedule clocked in tokens. "
+        "Loss: target-mix next-byte cross-entropy (nats) on held-out *test* documents; the lrs "
+        "were chosen on *validation* documents.",
+        "",
+        "Learning-rate tuning (validation target-mix loss, seed "
+        f"{meta['tune_seed']}): "
+        + "; ".join(
+            f"{t['size']} b={t['batch_size']}: "
+            + ", ".join(f"lr {lr:g} → {v:.4f}" for lr, v in t["val"].items())
+            + f" (kept {t['best_lr']:g})"
+            for t in tuning
+        ),
+        "",
+        "| run | kind | mixture | lr | test loss (mean ± sd) | spread | steps | tokens | final batch "
+        "| steps to best fixed loss (reached) | wall s | sensor share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in table.items():
+        st = s["steps_to_best_fixed_loss_mean"]
+        lines.append(
+            f"| {name} | {s['kind']} | {s['mixture']} | {s['lr']:g} | {s['test_loss_mean']:.4f} ± "
+            f"{s['test_loss_sd']:.4f} | {s['test_loss_spread']:.4f} | {s['steps_mean']:.0f} | "
+            f"{s['tokens']:,} | {s['final_batch_mean']:.0f} | "
+            f"{'never' if st is None else f'{st:.0f}'} ({s['reached_best_fixed_loss']}) | "
+            f"{s['wall_seconds_mean']:.0f} | {s['sensor_share_mean']:.1%} |"
+        )
+    lines += [
+        "",
+        f"Best fixed run: **{meta['best_fixed']}** (final test loss "
+        f"{meta['best_fixed_loss']:.4f}, the threshold of the steps column; steps read off each "
+        f"run's test curve, {meta['evals']} evaluations over the budget, linearly interpolated).",
+        "Sensor share: the excess wall time of the batches on which a sensor captured (growth "
+        "test, group-influence capture, target-gradient pass) over the median batch without one, "
+        "as a share of all batches' time.",
+        "",
+        "## Goals",
+        "",
+        *[f"- {g}" for g in goals],
+        "",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def goals_text(table: dict, growth_rules: list[str], mix: str) -> list[str]:
+    out = []
+    small = table.get("fixed-small")
+    if small:
+        for rule in growth_rules:
+            s = table.get(rule)
+            if not s:
+                continue
+            st = s["steps_to_best_fixed_loss_mean"]
+            if st is None:
+                out.append(
+                    f"{rule}: never reached the best fixed loss in {s['reached_best_fixed_loss']} seeds: goal NOT met"
+                )
+            else:
+                saving = 1 - st / small["steps_mean"]
+                verdict = (
+                    "met"
+                    if saving >= 0.5
+                    and s["reached_best_fixed_loss"].split("/")[0]
+                    == s["reached_best_fixed_loss"].split("/")[1]
+                    else "NOT met"
+                )
+                out.append(
+                    f"{rule}: reached the best fixed loss in {st:.0f} steps against fixed-small's "
+                    f"{small['steps_mean']:.0f} ({saving:+.0%} fewer; goal ≥ 50%: {verdict})"
+                )
+    for head in ["fixed-small", *growth_rules]:
+        u, m = table.get(head), table.get(f"{head}+{mix}")
+        if not u or not m:
+            continue
+        gain = u["test_loss_mean"] - m["test_loss_mean"]
+        spread = max(u["test_loss_spread"], m["test_loss_spread"])
+        verdict = "beyond the seed spread" if gain > spread else "NOT beyond the seed spread"
+        out.append(
+            f"{head}: {mix} vs uniform: test loss {gain:+.4f} ({verdict}, spread {spread:.4f})"
+        )
+    return out
+
+
+def plot(path: Path, runs: list[dict], order: list[str], seed: int) -> None:
+    chosen = []
+    for name in order:
+        r = next((r for r in runs if r["config_name"] == name and r["seed"] == seed), None)
+        if r is not None:
+            chosen.append({**r, "name": name})
+    lm.plot_runs(path, chosen)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    if args.quick:
+        if args.tokens == parser().get_default("tokens"):
+            args.tokens = 24 * 8 * 32
+        if args.batch_sizes == parser().get_default("batch_sizes"):
+            args.batch_sizes = [4, 8, 16]
+        args.train_bytes, args.heldout_bytes = (
+            lm.QUICK_DATA["train_bytes"],
+            lm.QUICK_DATA["heldout_bytes"],
+        )
+    for rule in args.growth_rules:
+        if rule not in lm.GROWTH[1:]:
+            parser().error(f"--growth-rules: {rule!r} is not one of {list(lm.GROWTH[1:])}")
+    if args.tune_seed not in args.seeds:
+        parser().error(f"--tune-seed {args.tune_seed} must be one of --seeds {args.seeds}")
+    name = args.name or ("lm_pretrain_quick" if args.quick else "lm_pretrain")
+    base = base_config(args)
+    placeholder = dict.fromkeys(SIZES, args.lrs[0])
+    if args.plan:
+        tune = tuning_jobs(base, args)
+        grid = [
+            j
+            for j in grid_jobs(base, args, placeholder)
+            if not (j.seed == args.tune_seed and j.growth == "none" and j.mixture == "uniform")
+        ]
+        n = len(tune) + len(grid)
+        tokens = sum((j.tokens // j.context) * j.context for j in tune + grid)
+        print(f"{len(tune)} tuning runs + {len(grid)} grid runs = {n} runs, {tokens:,} tokens")
+        if args.tokens_per_second:
+            print(
+                f"estimated {tokens / args.tokens_per_second / 3600:.1f} h of training "
+                f"at {args.tokens_per_second:.0f} tokens/s (evaluations not included)"
+            )
+        return {"runs": n, "tokens": tokens}
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+
+        def tqdm(x, **_):
+            return x
+
+    splits = lm.split_domains(args.train_bytes, args.heldout_bytes, cache=args.cache)
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / f"{name}.partial.json"
+    done: dict[str, dict] = {}
+    if args.resume and partial.exists():
+        done = {r["name"]: r for r in json.loads(partial.read_text())["runs"]}
+    sizes = dict(zip(SIZES, args.batch_sizes, strict=True))
+
+    def run(cfg) -> dict:
+        if cfg.name in done:
+            return done[cfg.name]
+        rec = lm.train(cfg, splits, progress=False)
+        rec.pop("train")  # per-batch rows: kept out of the summary file
+        rec["sizes"] = sizes
+        done[cfg.name] = rec
+        partial.write_text(json.dumps({"runs": list(done.values())}))
+        print(
+            f"{cfg.name}: val {rec['val_loss']:.4f} test {rec['test_loss']:.4f} "
+            f"{rec['steps']} steps {rec['wall_seconds']:.0f} s",
+            file=sys.stderr,
+        )
+        return rec
+
+    t0 = time.perf_counter()
+    tuning, best_lr = [], {}
+    for size in SIZES:
+        recs = [
+            run(c)
+            for c in tqdm(
+                [c for c in tuning_jobs(base, args) if c.batch_size == sizes[size]],
+                desc=f"tuning {size}",
+            )
+        ]
+        val = {r["config"]["lr"]: r["val_loss"] for r in recs}
+        best_lr[size] = min(val, key=val.get)
+        tuning.append(
+            {"size": size, "batch_size": sizes[size], "val": val, "best_lr": best_lr[size]}
+        )
+    runs = [run(c) for c in tqdm(grid_jobs(base, args, best_lr), desc="grid")]
+    for r in runs:
+        r["config_name"] = config_of(r)
+    order = list(dict.fromkeys(r["config_name"] for r in runs))
+    fixed = {
+        n: np.mean([r["test_loss"] for r in runs if r["config_name"] == n])
+        for n in order
+        if n.startswith("fixed-") and "+" not in n
+    }
+    best_fixed = min(fixed, key=fixed.get)
+    threshold = float(fixed[best_fixed])
+    for r in runs:
+        r["steps_to_best_fixed_loss"] = steps_to_reach(r, threshold)
+    table = summarise(runs, order)
+    goals = goals_text(table, args.growth_rules, args.mixture_rule)
+    cfg0 = base
+    meta = {
+        "quick": args.quick,
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": f"transformers Llama, {cfg0.layers} layers, width {cfg0.width}, "
+        f"{cfg0.heads} heads, context {cfg0.context}, byte vocabulary",
+        "tokens": args.tokens,
+        "seeds": args.seeds,
+        "tune_seed": args.tune_seed,
+        "optimizer": args.optimizer,
+        "schedule": args.schedule,
+        "evals": cfg0.evals,
+        "batch_sizes": sizes,
+        "best_lr": best_lr,
+        "best_fixed": best_fixed,
+        "best_fixed_loss": threshold,
+        "total_seconds": time.perf_counter() - t0,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    keep = (
+        "name",
+        "config_name",
+        "kind",
+        "mixture",
+        "seed",
+        "test_loss",
+        "val_loss",
+        "steps",
+        "tokens",
+        "steps_to_best_fixed_loss",
+        "wall_seconds",
+        "sensor_share",
+        "tokens_per_second",
+        "test_domain",
+        "evals",
+        "batch_size_trajectory",
+        "weights_trajectory",
+        "config",
+    )
+    result = {
+        "meta": meta,
+        "tuning": tuning,
+        "summary": table,
+        "goals": goals,
+        "runs": [{k: r[k] for k in keep} for r in runs],
+    }
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    write_markdown(args.out / f"{name}.md", meta, table, goals, tuning)
+    plot(args.out / f"{name}.png", runs, order, args.seeds[0])
+    partial.unlink(missing_ok=True)
+    print((args.out / f"{name}.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()

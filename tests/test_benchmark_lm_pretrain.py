@@ -1,0 +1,123 @@
+"""benchmarks/lm_pretrain.py: the grid's plan, and a --quick dry run of the whole pipeline
+(tuning on validation, the grid over seeds, steps to the best fixed loss, the files)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NEEDED = {
+    "/usr/lib/R/site-library/janeaustenr/data/Rdata.rdx": "r-cran-janeaustenr",
+    "/usr/lib/bible.data": "bible-kjv-text",
+    "/usr/share/games/fortunes/people.dat": "fortunes",
+    "/usr/share/dictd/gcide.index": "dict-gcide",
+    "/usr/share/dictd/foldoc.index": "dict-foldoc",
+}
+MISSING = [pkg for path, pkg in NEEDED.items() if not Path(path).exists()]
+
+
+def _load():
+    name = "benchmark_lm_pretrain"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "lm_pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+def test_plan_counts_the_grid():
+    out = bench.main(["--plan"])
+    # tuning: 3 sizes x 3 lrs; per seed: 3 fixed + fixed-small with the rule + 4 rules x 2
+    # mixtures = 12, the tuning seed's 3 fixed runs reused
+    assert out["runs"] == 9 + 3 * 12 - 3
+    assert out["tokens"] == out["runs"] * (5_000_000 // 256) * 256
+
+
+def test_steps_to_reach_interpolates_the_test_curve():
+    run = {
+        "evals": [
+            {"step": 0, "test_loss": 5.0},
+            {"step": 10, "test_loss": 4.0},
+            {"step": 30, "test_loss": 3.0},
+        ]
+    }
+    assert bench.steps_to_reach(run, 3.5) == pytest.approx(20.0)
+    assert bench.steps_to_reach(run, 4.0) == pytest.approx(10.0)
+    assert bench.steps_to_reach(run, 2.9) is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    bool(MISSING), reason=f"text packages missing: apt-get install -y {' '.join(MISSING)}"
+)
+def test_quick_dry_run_writes_the_schema(tmp_path):
+    pytest.importorskip("rdata", reason="pip install rdata")
+    result = bench.main(
+        [
+            "--quick",
+            "--seeds",
+            "0",
+            "1",
+            "--lrs",
+            "0.002",
+            "0.004",
+            "--growth-rules",
+            "norm",
+            "warmup",
+            "noise_scale",
+            "--out",
+            str(tmp_path),
+            "--cache",
+            str(tmp_path / "c.npz"),
+        ]
+    )
+    saved = json.loads((tmp_path / "lm_pretrain_quick.json").read_text())
+    assert (tmp_path / "lm_pretrain_quick.png").stat().st_size > 5000
+    md = (tmp_path / "lm_pretrain_quick.md").read_text()
+    assert "QUICK DRY RUN" in md and "| fixed-small |" in md
+    runs = saved["runs"]
+    # per seed: 3 fixed + fixed-small+rule + 3 rules x 2 mixtures
+    assert len(runs) == 2 * (3 + 1 + 3 * 2)
+    assert {r["kind"] for r in runs} == {"fixed", "adaptive", "warmup", "noise_scale"}
+    assert {r["mixture"] for r in runs} == {"uniform", "influence_exp"}
+    budget = (saved["runs"][0]["config"]["tokens"] // 32) * 32
+    for r in runs:
+        for key in ("name", "kind", "mixture", "seed", "test_loss", "steps", "tokens"):
+            assert key in r
+        assert "steps_to_best_fixed_loss" in r
+        assert r["tokens"] == budget  # equal token budget
+        assert r["test_loss"] == r["evals"][-1]["test_loss"]
+    # the lr of each fixed batch is the validation argmin of its tuning runs
+    for t in saved["tuning"]:
+        assert t["best_lr"] == float(min(t["val"], key=lambda k: t["val"][k]))
+        assert set(map(float, t["val"])) == {0.002, 0.004}
+    # the threshold is the mean final test loss of the best fixed configuration
+    fixed = {
+        n: s["test_loss_mean"]
+        for n, s in saved["summary"].items()
+        if n.startswith("fixed-") and "+" not in n
+    }
+    best = min(fixed, key=fixed.get)
+    assert saved["meta"]["best_fixed"] == best
+    assert math.isclose(saved["meta"]["best_fixed_loss"], fixed[best], rel_tol=1e-12)
+    for r in runs:
+        s = r["steps_to_best_fixed_loss"]
+        if s is None:
+            assert min(e["test_loss"] for e in r["evals"]) > fixed[best]
+        else:
+            assert 0 <= s <= r["steps"]
+    # fixed runs keep their batch; larger fixed batches take fewer steps
+    steps = {n: saved["summary"][n]["steps_mean"] for n in ("fixed-small", "fixed-large")}
+    assert steps["fixed-large"] < steps["fixed-small"]
+    assert result["goals"]  # the closing verdicts are written
