@@ -10,8 +10,8 @@ interleaved round by round, as:
 - ``native`` / ``materialise`` / ``torch``: ``GradientStatistics(layer, paths=...)`` forced to
   that path (see :mod:`adaptive.stats.planner`; ``native`` only where the compiled kernel is
   built and takes the shape);
-- ``auto``: ``GradientStatistics(layer)``, which timed the candidates at its first capture
-  (in the warm-up) and kept the fastest.
+- ``auto``: ``GradientStatistics(layer)``, which timed the candidates at its first capture and
+  again at its 16th (both in the warm-up) and kept the fastest.
 
 Reported per shape: the median step time of each, ``auto / best`` (the chosen path against
 the fastest forced one, in the same rounds: 1.00 when the choice was right, within the
@@ -42,7 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from adaptive.stats import GradientStatistics, native
-from adaptive.stats.planner import PATHS
+from adaptive.stats.planner import PATHS, REMEASURE_AT
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -142,8 +142,10 @@ def run_all(args) -> dict:
     }
     for name, factory, shape in tqdm(list(cases(args.quick)), desc="shapes"):
         steps = build(factory, shape)
-        for fn in steps.values():  # warm-up; auto measures its candidates here
-            for _ in range(2):
+        # warm-up; auto measures its candidates here, at its first call and again at its 16th
+        # (planner.REMEASURE_AT), so the timed rounds see its steady state
+        for k, fn in steps.items():
+            for _ in range(REMEASURE_AT[0] + 1 if k == "auto" else 2):
                 fn()
         times = {k: [] for k in steps}
         order = list(steps)

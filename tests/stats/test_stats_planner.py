@@ -301,3 +301,35 @@ def test_a_second_process_takes_the_cached_paths(tmp_path):
     g1 = torch.load(tmp_path / "g1.pt", weights_only=True)
     g2 = torch.load(tmp_path / "g2.pt", weights_only=True)
     assert all(torch.equal(p, q) for p, q in zip(g1, g2, strict=True))
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        torch.nn.Linear(5, 7),
+        torch.nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        torch.nn.Conv2d(3, 4, 2, padding="same"),  # asymmetric zero padding
+        torch.nn.Conv2d(3, 4, 3, dilation=2, padding=2, padding_mode="reflect"),
+        torch.nn.Conv2d(4, 6, 3, groups=2, bias=False),
+        torch.nn.Conv1d(3, 4, 3, stride=2, padding=1),
+        torch.nn.Conv1d(3, 4, 3, padding=1, padding_mode="circular"),
+    ],
+    ids=["linear", "conv", "conv-same", "conv-reflect", "conv-groups", "conv1d", "conv1d-circ"],
+)
+def test_the_torch_path_timing_computes_autograds_gradients(layer):
+    """``batch_grads``, which stands for autograd's weight gradient when the paths are timed,
+    computes exactly that gradient."""
+    from adaptive.stats.layers import find_rule
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 5) if isinstance(layer, torch.nn.Linear) else None
+    if x is None:
+        x = torch.randn(3, layer.in_channels, *([9] * (layer.weight.dim() - 2)))
+    out = layer(x)
+    d = torch.randn_like(out)
+    out.backward(d)
+    names = frozenset(n for n, _ in layer.named_parameters())
+    got = find_rule(layer).batch_grads(layer, x, d, names)
+    assert set(got) == names
+    for n, p in layer.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6)
