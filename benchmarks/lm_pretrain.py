@@ -92,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default=None, help="file stem (default lm_pretrain[_quick])")
     p.add_argument("--resume", action="store_true", help="reuse <out>/<name>.partial.json")
+    p.add_argument("--note", default=None, help="a line under the title (e.g. what a pilot is)")
     p.add_argument("--quick", action="store_true", help="tiny model and budget: a dry run")
     p.add_argument("--plan", action="store_true", help="list the runs, train nothing")
     p.add_argument("--tokens-per-second", type=float, default=None, help="for --plan's estimate")
@@ -248,6 +249,7 @@ def write_markdown(path: Path, meta: dict, table: dict, goals: list[str], tuning
     lines = [
         f"# LM pretraining with the whole toolkit{' (QUICK DRY RUN: not a result)' if meta['quick'] else ''}",
         "",
+        *([f"**{meta['note']}**", ""] if meta.get("note") else []),
         f"Machine: {meta['machine']}, {meta['cpus']} CPUs (shared), torch {meta['torch']}, "
         f"{meta['date']}. Model: {meta['model']}. Budget {meta['tokens']:,} tokens per run; seeds "
         f"{meta['seeds']}; {meta['optimizer']}, {meta['schedule']} schedule clocked in tokens. "
@@ -440,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg0 = base
     meta = {
         "quick": args.quick,
+        "note": args.note,
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,

@@ -349,7 +349,10 @@ class NoiseScaleGrowth(AdaptiveBatchSize):
         v = stats.variance.float().reshape(())
         g2 = (stats.grad_sq_norm.float().reshape(()) - v / stats.batch_size).clamp_min(0.0)
         now = torch.stack([v, g2])
-        self._ema = now if self._ema is None else self.beta * self._ema + (1 - self.beta) * now
+        if self._ema is None:
+            self._ema = now
+        else:  # .to: a restored average may sit on the CPU
+            self._ema = self.beta * self._ema.to(now.device) + (1 - self.beta) * now
         return self.factor * self._ema[0] / self._ema[1].clamp_min(1e-30)
 
     def state_dict(self) -> dict[str, Any]:
@@ -361,11 +364,6 @@ class NoiseScaleGrowth(AdaptiveBatchSize):
         ema = state_dict.get("noise_ema")
         self._ema = None if ema is None else ema.clone()
         super().load_state_dict(state_dict)
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        if self._ema is not None:
-            self._ema = self._ema.to(pl_module.device)
 
 
 class DoublingWarmup(AdaptiveBatchSize):
@@ -679,6 +677,18 @@ class RunConfig:
             raise ValueError(f"max_batch_size={self.max_batch_size} < batch_size={self.batch_size}")
         if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
             raise ValueError("warmup_fraction + decay_fraction must lie in [0, 1]")
+        if self.growth == "warmup":
+            if self.lr_scaling == "adascale":
+                raise ValueError(
+                    "lr_scaling='adascale' needs the gradient statistics, which growth='warmup' "
+                    "does not measure; use 'none', 'linear' or 'sqrt'"
+                )
+            ms = list(self.warmup_milestones)
+            if not ms or ms != sorted(ms) or not 0 < ms[0] or ms[-1] > 1:
+                raise ValueError(
+                    f"warmup_milestones must be increasing fractions of the budget in (0, 1], "
+                    f"got {ms}"
+                )
         if self.mixture != "uniform" and not 1 <= self.capture_steps <= self.update_every:
             raise ValueError("capture_steps must lie in [1, update_every]")
 

@@ -213,3 +213,26 @@ def test_quick_cli_run_writes_a_consistent_record(splits, tmp_path):
         assert math.isclose(sum(h["weights"]), 1.0, rel_tol=1e-9) and min(h["weights"]) >= 0
     assert 0 < saved["sensor_share"] < 1 and saved["sensor_batches"] > 0
     assert saved["tokens_per_second"] > 0
+
+
+def test_bad_arguments_name_the_argument():
+    for kw, match in [
+        ({"growth": "double"}, "growth='double'"),
+        ({"mixture": "doremi"}, "mixture='doremi'"),
+        ({"optimizer": "sgd"}, "optimizer='sgd'"),
+        ({"schedule": "cosine"}, "schedule='cosine'"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"tokens": 10}, "tokens=10"),
+        ({"growth": "norm", "max_batch_size": 2}, "max_batch_size=2"),
+        ({"growth": "warmup", "lr_scaling": "adascale"}, "adascale"),
+        ({"growth": "warmup", "warmup_milestones": [0.5, 0.2]}, "warmup_milestones"),
+        ({"mixture": "influence", "capture_steps": 9}, "capture_steps"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            _cfg(**kw)
+    with pytest.raises(ValueError, match="beta"):
+        lm.NoiseScaleGrowth(beta=1.0)
+    with pytest.raises(ValueError, match="milestones"):
+        lm.DoublingWarmup([0, 10], tokens_per_sample=4)
+    with pytest.raises(SystemExit):
+        lm.main(["--quick", "--growth", "bogus"])
