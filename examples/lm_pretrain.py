@@ -697,7 +697,7 @@ class RunConfig:
         return KIND[self.growth]
 
 
-def build(cfg: RunConfig, splits: dict[str, dict[str, np.ndarray]], out: Path | None = None):
+def build(cfg: RunConfig, splits: dict[str, dict[str, np.ndarray]]):
     """The module, the train loader and the callbacks of one run (nothing trained yet)."""
     cfg.check()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -799,7 +799,7 @@ def train(
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    module, _sampler, callbacks, recorder, growth_cb, mixture_cb = build(cfg, splits, out)
+    module, _sampler, callbacks, recorder, growth_cb, mixture_cb = build(cfg, splits)
     if stop_at is not None:
         if save is None:
             raise ValueError("stop_at needs save=<checkpoint path>")
