@@ -560,7 +560,9 @@ class Recorder(pl.Callback):
                 "batch": len(self.rows),
                 "step": trainer.global_step,
                 "tokens": self.tokens,
-                "batch_size": int(windows.shape[0]),
+                "micro_batch": int(windows.shape[0]),
+                # the global batch in force (the growth callback sets the accumulation)
+                "batch_size": int(windows.shape[0]) * int(trainer.accumulate_grad_batches),
                 "seconds": seconds,
                 "sensor": self._capturing,
             }
@@ -689,12 +691,26 @@ class RunConfig:
                     f"warmup_milestones must be increasing fractions of the budget in (0, 1], "
                     f"got {ms}"
                 )
+        if self.growth == "none" and self.batch_size > self.max_micro_batch_size:
+            if self.batch_size % self.max_micro_batch_size:
+                raise ValueError(
+                    f"batch_size={self.batch_size} must be a multiple of max_micro_batch_size="
+                    f"{self.max_micro_batch_size} (the fixed batch is accumulated from them)"
+                )
         if self.mixture != "uniform" and not 1 <= self.capture_steps <= self.update_every:
             raise ValueError("capture_steps must lie in [1, update_every]")
 
     @property
     def kind(self) -> str:
         return KIND[self.growth]
+
+
+def fixed_accumulation(cfg: RunConfig) -> int:
+    """Micro-batches per optimizer step of a fixed batch larger than ``max_micro_batch_size``
+    (growth runs: the growth callback sets the accumulation itself)."""
+    if cfg.growth != "none" or cfg.batch_size <= cfg.max_micro_batch_size:
+        return 1
+    return cfg.batch_size // cfg.max_micro_batch_size
 
 
 def build(cfg: RunConfig, splits: dict[str, dict[str, np.ndarray]]):
@@ -708,7 +724,7 @@ def build(cfg: RunConfig, splits: dict[str, dict[str, np.ndarray]]):
     sampler = GrowableMixtureSampler(
         [len(s) for s in sources],
         [1.0] * len(sources),
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size // fixed_accumulation(cfg),
         num_samples=sequences,
         seed=cfg.seed,
         num_replicas=1,
@@ -831,6 +847,7 @@ def train(
         limit_val_batches=0,
         use_distributed_sampler=False,
         gradient_clip_val=1.0,
+        accumulate_grad_batches=fixed_accumulation(cfg),
     )
     t0 = time.perf_counter()
     trainer.fit(module, ckpt_path=ckpt_path)
@@ -891,7 +908,9 @@ def train(
         "sensor_share": extra / step_seconds if step_seconds else float("nan"),
         "parameters": sum(p.numel() for p in module.model.parameters()),
         "evals": recorder.evals,
-        "train": [{k: r[k] for k in ("step", "tokens", "batch_size", "loss")} for r in rows],
+        "train": [
+            {k: r[k] for k in ("step", "tokens", "batch_size", "micro_batch", "loss")} for r in rows
+        ],
         "batch_size_trajectory": batch_traj,
         "weights_trajectory": weights,
         "growth_history": list(getattr(growth_cb, "history", []) or []),

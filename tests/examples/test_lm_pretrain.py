@@ -201,7 +201,7 @@ def test_quick_cli_run_writes_a_consistent_record(splits, tmp_path):
     train = saved["train"]
     # tokens: what the loader yielded, batch by batch, equals the budget
     ctx = saved["config"]["context"]
-    assert sum(r["batch_size"] * ctx for r in train) == saved["tokens"]
+    assert sum(r["micro_batch"] * ctx for r in train) == saved["tokens"]
     assert saved["tokens"] == (saved["config"]["tokens"] // ctx) * ctx
     assert train[-1]["step"] == saved["steps"] == len(train)  # no accumulation at this size
     # the reported loss is the target mix of the per-domain losses
@@ -236,3 +236,16 @@ def test_bad_arguments_name_the_argument():
         lm.DoublingWarmup([0, 10], tokens_per_sample=4)
     with pytest.raises(SystemExit):
         lm.main(["--quick", "--growth", "bogus"])
+
+
+@needs_text
+@pytest.mark.slow
+def test_a_fixed_batch_above_the_micro_batch_is_accumulated(splits):
+    cfg = _cfg(batch_size=8, max_micro_batch_size=4, tokens=24 * 8 * 32)
+    rec = _fit(cfg, splits)
+    train = rec["train"]
+    assert {r["micro_batch"] for r in train} == {4}
+    assert {r["batch_size"] for r in train} == {8}
+    assert rec["steps"] == len(train) // 2 == 24  # one optimizer step per two micro-batches
+    assert rec["tokens"] == sum(r["micro_batch"] for r in train) * 32 == 24 * 8 * 32
+    assert rec["batch_size_trajectory"] == [{"step": 0, "tokens": 0, "batch_size": 8}]
