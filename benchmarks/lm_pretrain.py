@@ -260,7 +260,7 @@ def write_markdown(path: Path, meta: dict, table: dict, goals: list[str], tuning
         f"{meta['tune_seed']}): "
         + "; ".join(
             f"{t['size']} b={t['batch_size']}: "
-            + ", ".join(f"lr {lr:g} → {v:.4f}" for lr, v in t["val"].items())
+            + ", ".join(f"lr {float(lr):g} → {v:.4f}" for lr, v in t["val"].items())
             + f" (kept {t['best_lr']:g})"
             for t in tuning
         ),
@@ -327,7 +327,12 @@ def goals_text(table: dict, growth_rules: list[str], mix: str) -> list[str]:
             continue
         gain = u["test_loss_mean"] - m["test_loss_mean"]
         spread = max(u["test_loss_spread"], m["test_loss_spread"])
-        verdict = "beyond the seed spread" if gain > spread else "NOT beyond the seed spread"
+        if min(len(u["seeds"]), len(m["seeds"])) < 2:
+            verdict = "one seed: no spread, no verdict"
+        elif gain > spread:
+            verdict = "beyond the seed spread"
+        else:
+            verdict = "NOT beyond the seed spread"
         out.append(
             f"{head}: {mix} vs uniform: test loss {gain:+.4f} ({verdict}, spread {spread:.4f})"
         )

@@ -940,7 +940,7 @@ def plot_runs(path: Path, runs: Sequence[dict[str, Any]]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(19, 4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = [plt.cm.tab20(i % 20) for i in range(20)]  # up to 20 runs, distinct colours
     for i, run in enumerate(runs):
         c = colors[i % len(colors)]
         ev = run["evals"]
