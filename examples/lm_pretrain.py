@@ -492,12 +492,19 @@ class LMModule(pl.LightningModule):
 
 
 # ================================================================== measuring and recording
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Recorder(pl.Callback):
     """Per batch: tokens, optimizer step, batch size, train loss, wall time, and whether a sensor
     was capturing; every ``eval_every`` tokens (and at the end): validation and test target-mix
     losses on fixed windows. Checkpointed, so a resumed run's record continues the original's.
 
     Put it after the growth and mixture callbacks: their capture flags are read at batch start.
+    On CUDA each batch's time is taken between two synchronisations (a measurement cost of this
+    example's recorder, not of the toolkit: the callbacks themselves never synchronise per step).
     """
 
     def __init__(
@@ -540,6 +547,7 @@ class Recorder(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._capturing = any(bool(getattr(cb, "_capturing", False)) for cb in self.sensors)
+        _sync(pl_module.device)
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(
@@ -550,6 +558,7 @@ class Recorder(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        _sync(pl_module.device)
         seconds = time.perf_counter() - self._t0
         windows = batch[0]
         before = self.tokens
