@@ -52,6 +52,7 @@ from adaptive.mixture import (
     MixtureSignals,
     alignment_from_statistics,
 )
+from adaptive.stats import side_pass
 
 Rule = DoReMi | Exp3Mixture | GroupInfluence
 
@@ -218,8 +219,9 @@ class DynamicMixture(pl.Callback):
     # -- measuring ------------------------------------------------------------------------------
     def _target_direction(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-        loss = self.target_loss(pl_module)
-        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        with side_pass():  # not a training sample for any other attached sensor
+            loss = self.target_loss(pl_module)
+            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         flat = torch.cat(
             [
                 (g if g is not None else torch.zeros_like(p)).reshape(-1)

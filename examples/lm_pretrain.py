@@ -794,9 +794,8 @@ def build(cfg: RunConfig, splits: dict[str, dict[str, np.ndarray]]):
         )
         callbacks.append(mixture_cb)
     if growth_cb is not None:
-        # after DynamicMixture: its target-gradient pass runs in on_train_batch_start and must
-        # happen before the growth callback attaches its sensor for the same batch (a sensor
-        # attached earlier would capture the target batch as if it were training samples)
+        # either order works: DynamicMixture's target-gradient pass runs inside
+        # adaptive.stats.side_pass(), which the growth sensor does not capture
         callbacks.append(growth_cb)
     recorder = Recorder(
         val, test, max(1, cfg.tokens // cfg.evals), [c for c in (growth_cb, mixture_cb) if c]

@@ -14,7 +14,7 @@ from adaptive.stats.layers import SUPPORTED_MODULES, LayerRule, UnsupportedModul
 from adaptive.stats.planner import PATHS, PathPlanner, PlanEntry
 from adaptive.stats.reference import per_sample_gradients, reference_statistics
 from adaptive.stats.registry import find_rule, register_rule, unregister_rule
-from adaptive.stats.statistics import FALLBACKS, GradientStatistics, StatisticsResult
+from adaptive.stats.statistics import FALLBACKS, GradientStatistics, StatisticsResult, side_pass
 
 __all__ = [
     "FALLBACKS",
@@ -32,6 +32,7 @@ __all__ = [
     "per_sample_gradients",
     "reference_statistics",
     "register_rule",
+    "side_pass",
     "two_batch_estimates",
     "unregister_rule",
 ]

@@ -198,6 +198,24 @@ class _FusedWeightGrads(torch.autograd.Function):
         return (grad, None, *ctx.handler(grad))
 
 
+_SIDE_PASSES = 0
+
+
+@contextlib.contextmanager
+def side_pass() -> Iterator[None]:
+    """Forward and backward passes inside the block are not captured by any attached
+    :class:`GradientStatistics`: for a component's own pass while another's sensor is attached
+    (a target gradient on validation data, a scoring pass with gradients), which would
+    otherwise be counted as samples of the training batch. The callbacks' own side passes use
+    it, so their order in a Trainer does not change what any sensor sees."""
+    global _SIDE_PASSES
+    _SIDE_PASSES += 1
+    try:
+        yield
+    finally:
+        _SIDE_PASSES -= 1
+
+
 class GradientStatistics(UseTracking):
     """Per-step statistics of per-sample gradients, computed by hooks on the device.
 
@@ -310,7 +328,7 @@ class GradientStatistics(UseTracking):
         self.fuse_weight_grads = bool(fuse_weight_grads)
         self._target: dict[str, Tensor] | None = None
         self._handles: list[Any] = []
-        self._current: _MicroBatch | None = None
+        self._attached: _MicroBatch | None = None
         self._mode = "per_sample"
         self._buffers: dict[int, Tensor] = {}
         self._sites = self._discover()
@@ -413,6 +431,17 @@ class GradientStatistics(UseTracking):
         self._grad_sums: dict[str, Tensor] = {}
         self._coord: dict[str, Tensor] = {}
 
+    @property
+    def _current(self) -> _MicroBatch | None:
+        """The micro-batch being captured; None outside ``attach``/``detach`` and during a
+        :func:`side_pass` (another component's own forward/backward, which is not a sample of
+        the batch)."""
+        return None if _SIDE_PASSES else self._attached
+
+    @_current.setter
+    def _current(self, mb: _MicroBatch | None) -> None:
+        self._attached = mb
+
     def plan(self) -> list[PlanEntry]:
         """How each Linear/Conv layer was handled at its latest capture: the path (compiled
         kernel, materialised per-sample gradients, or autograd with the Gram form), why
@@ -431,7 +460,7 @@ class GradientStatistics(UseTracking):
 
     def attach(self, group_ids: Tensor | None = None) -> None:
         """Start capturing one micro-batch (the non-context form of :meth:`capture`)."""
-        if self._current is not None:
+        if self._attached is not None:
             raise RuntimeError("GradientStatistics is already attached; call detach() first")
         if self.num_groups is None and group_ids is not None:
             raise ValueError("group_ids given but num_groups is None; set num_groups=G")
@@ -516,7 +545,7 @@ class GradientStatistics(UseTracking):
         for h in self._handles:
             h.remove()
         self._handles = []
-        mb, self._current = self._current, None
+        mb, self._attached = self._attached, None
         if mb is not None:  # a forward that raised leaves parameters switched off: restore
             for params in mb.toggled.values():
                 for _, p in params:
@@ -903,7 +932,7 @@ class GradientStatistics(UseTracking):
         """
         from adaptive.stats.fallback import group_variance
 
-        if self._current is not None:
+        if self._attached is not None:
             raise RuntimeError("result() called while attached; call detach() first")
         records = self._records
         if not records:
