@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -333,6 +334,7 @@ class GradientStatistics(UseTracking):
         self._buffers: dict[int, Tensor] = {}
         self._sites = self._discover()
         self._planner = PathPlanner(paths)
+        self._paths_memo: dict[tuple, tuple[str, ...]] = {}
         unknown = sorted(set(self._planner.overrides) - {s.name for s in self._sites if s.may_fuse})
         if unknown:
             valid = [s.name for s in self._sites if s.may_fuse]
@@ -682,7 +684,18 @@ class GradientStatistics(UseTracking):
             and not site.float64  # the sensor works in float32: leave double gradients to autograd
         ):
             names = frozenset(local for local, _ in toggled)
-            candidates = site.rule.paths(module, args[0], names)
+            a = args[0]
+            memo = (
+                site.name,
+                a.shape,
+                a.dtype,
+                a.device.type,
+                names,
+                os.environ.get("ADAPTIVE_NATIVE"),
+            )
+            candidates = self._paths_memo.get(memo)
+            if candidates is None:  # the rule's answer depends only on what the memo key holds
+                candidates = self._paths_memo[memo] = site.rule.paths(module, a, names)
             options = (self.per_coordinate, self.inner_products, self._target is not None)
             path, key = self._planner.choose(site.name, module, args[0], candidates, options)
             if path == "measure":
