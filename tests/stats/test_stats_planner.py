@@ -42,6 +42,14 @@ def test_fastest_is_the_least_time_ties_in_path_order():
         planner.fastest({})
 
 
+def test_a_fused_path_must_beat_autograds_by_the_margin():
+    m = planner.FUSED_MARGIN
+    assert planner.decide({"native": 0.95 * m, "torch": 1.0}) == "native"
+    assert planner.decide({"native": 1.05 * m, "torch": 1.0}) == "torch"
+    assert planner.decide({"native": 1.05 * m, "materialise": 0.5, "torch": 1.0}) == "materialise"
+    assert planner.decide({"native": 2.0, "materialise": 1.0}) == "materialise"  # no torch path
+
+
 class Clock:
     """A made-up clock: each run advances it by that path's made-up cost."""
 
@@ -203,7 +211,7 @@ def test_the_sensor_runs_the_path_measured_fastest(models, monkeypatch, winner):
     # has no kernel path), and the second step runs it only: once per fused layer, nothing for
     # "torch" (autograd's gradient and the Gram form)
     want = {
-        e.layer: planner.fastest({p: costs[p] for p in e.candidates})
+        e.layer: planner.decide({p: costs[p] for p in e.candidates})
         for e in stats.plan()
         if len(e.candidates) > 1
     }
