@@ -289,7 +289,9 @@ def test_module_without_rule_is_replayed_exactly_with_one_warning():
     x, y = torch.randn(5, 4), torch.randint(0, 4, (5,))
     with stats.capture():
         F.cross_entropy(model(x), y).backward()
-    check_all(stats.result(), reference_statistics(per_sample_gradients(model, F.cross_entropy, x, y)))
+    check_all(
+        stats.result(), reference_statistics(per_sample_gradients(model, F.cross_entropy, x, y))
+    )
 
 
 def test_tied_weights_and_reuse_are_summed_over_uses():
@@ -314,7 +316,9 @@ def test_tied_weights_and_reuse_are_summed_over_uses():
     with stats.capture():
         lin(torch.tanh(lin(x3))).square().sum().backward()
     ref = reference_statistics(
-        per_sample_gradients(nn.Sequential(lin, nn.Tanh(), lin), lambda o, t: o.square().sum(), x3, x3)
+        per_sample_gradients(
+            nn.Sequential(lin, nn.Tanh(), lin), lambda o, t: o.square().sum(), x3, x3
+        )
     )
     for key in ("coordinate_sq_sums", "mean_grads"):  # the reference names them '0.weight', ...
         ref[key] = {n.split(".", 1)[1]: v for n, v in ref[key].items()}
