@@ -315,8 +315,9 @@ class AdaptiveBatchSize(pl.Callback):
             if isinstance(loader.batch_sampler, MixtureSampler):
                 raise ValueError(
                     "AdaptiveBatchSize cannot resize a MixtureSampler (the batch sampler of "
-                    "DynamicMixture): adaptive batch growth and dynamic mixtures cannot share "
-                    "one train loader; use one of the two callbacks"
+                    "DynamicMixture): for batch growth and dynamic mixtures on one train loader, "
+                    "build it with adaptive.mixture.GrowableMixtureSampler, which both callbacks "
+                    "drive"
                 )
             if loader.batch_sampler is None:
                 raise ValueError(
