@@ -154,6 +154,9 @@ def fastest(timings: Mapping[str, float]) -> str:
 # which made a 256→256 3×3 convolution on 4×4 inputs take the kernel (13% faster in the hook) at
 # 1.39× the torch path's step. Near-ties keep the plain path.
 FUSED_MARGIN = 0.8
+# Candidates whose warm-up run takes more than this many times the fastest one's are not
+# timed again (see PathPlanner.measure).
+WARM_CUTOFF = 3.0
 
 
 def decide(timings: Mapping[str, float]) -> str:
@@ -322,16 +325,27 @@ class PathPlanner:
         module: nn.Module,
         a: Tensor,
         key: tuple,
-        runs: Mapping[str, Callable[[], object]],
+        runs: Mapping[str, Callable[[], object] | None],
     ) -> tuple[str, object]:
         """Time every candidate ``runs[path]()`` (interleaved, best of ``repeats`` after a
         warm-up), record the timings under ``key`` and return ``(fastest path, its result)``."""
-        results = {p: run() for p, run in runs.items()}  # warm-up: workspaces, caches
+        # warm-up (workspaces, caches), itself timed: a candidate more than WARM_CUTOFF times
+        # slower than the fastest is not timed again (on a large network the repeats of hopeless
+        # paths made the first step cost a minute); a run given as None is not worth trying
+        # at all (a per-sample gradient too large for one chunk) and counts as infinitely slow
+        results: dict[str, object] = {}
         best = dict.fromkeys(runs, float("inf"))
-        for _ in range(self.repeats):
-            for p, run in runs.items():
+        for p, run in runs.items():
+            if run is not None:
                 t0 = self.timer()
                 results[p] = run()
+                best[p] = self.timer() - t0
+        lo = min(best.values())
+        timed = [p for p, run in runs.items() if run is not None and best[p] <= WARM_CUTOFF * lo]
+        for _ in range(self.repeats):
+            for p in timed:
+                t0 = self.timer()
+                results[p] = runs[p]()
                 best[p] = min(best[p], self.timer() - t0)
         before = _MEASURED.get(key, {})
         best = {p: min(t, before.get(p, t)) for p, t in best.items()}

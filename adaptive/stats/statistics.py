@@ -748,7 +748,15 @@ class GradientStatistics(UseTracking):
             self._start(mb, d.shape[0], site.name)
         key, paths = plan
         if key is not None and mb is not None:  # first call of this shape: time every path
-            runs = {p: partial(self._fused_values, p, site, a, d, names, out, True) for p in paths}
+            # materialising in several chunks never wins: not worth a trial (it counts as slow)
+            per = site.rule.elements_per_sample(site.module, a, d, names, out is not None)
+            chunked = per * d.shape[0] > self._CHUNK_ELEMENTS
+            runs = {
+                p: None
+                if p == "materialise" and chunked
+                else partial(self._fused_values, p, site, a, d, names, out, True)
+                for p in paths
+            }
             _, values = self._planner.measure(site.name, site.module, a, key, runs)
         else:
             path = next((p for p in paths if p != "torch"), paths[0])

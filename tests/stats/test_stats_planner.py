@@ -341,3 +341,38 @@ def test_the_torch_path_timing_computes_autograds_gradients(layer):
     assert set(got) == names
     for n, p in layer.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_hopeless_and_untried_candidates_cost_one_run_or_none():
+    clock = Clock({"native": 1e-3, "torch": 1.5e-3, "materialise": 10e-3})
+    calls: list[str] = []
+
+    def counted(p):
+        run = clock.run(p)
+
+        def go():
+            calls.append(p)
+            return run()
+
+        return go
+
+    plan = PathPlanner(timer=clock, repeats=3)
+    layer, a = torch.nn.Linear(4, 6), torch.zeros(2, 3, 4)
+    _, key = plan.choose("fc", layer, a, ("native", "torch", "materialise"), ())
+    path, _ = plan.measure(
+        "fc", layer, a, key, {p: counted(p) for p in ("native", "torch", "materialise")}
+    )
+    assert path == "native"
+    # materialise (10× the fastest warm-up) ran once; the others 1 + repeats times
+    assert calls.count("materialise") == 1 and calls.count("native") == calls.count("torch") == 4
+    # a candidate not worth trying (None) counts as infinitely slow, and is not measured again
+    _, key = plan.choose("fc", layer, torch.zeros(2, 9, 4), ("native", "torch", "materialise"), ())
+    runs = {"native": counted("native"), "torch": counted("torch"), "materialise": None}
+    assert plan.measure("fc", layer, torch.zeros(2, 9, 4), key, runs)[0] == "native"
+    assert plan.plan()[0].timings_ms["materialise"] == float("inf")
+    assert plan.choose(
+        "fc", layer, torch.zeros(2, 9, 4), ("native", "torch", "materialise"), ()
+    ) == (
+        "native",
+        None,
+    )
