@@ -157,6 +157,7 @@ class DynamicMixture(pl.Callback):
         self._meter = DomainLossMeter(rule.num_domains)
         self._batches = 0  # training batches consumed since the start (over all epochs)
         self._restored_sampler: dict[str, Any] | None = None
+        self._restored_sensor: dict[str, Any] | None = None
         self._stats: Any = None
         self._capturing = False
         self._skipped = 0
@@ -200,6 +201,9 @@ class DynamicMixture(pl.Callback):
         check_model_supported("DynamicMixture(GroupInfluence)", self._stats)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restored_sensor is not None:  # resumed inside a capture window
+            self._stats.load_state_dict(self._restored_sensor)
+            self._restored_sensor = None
         self.sampler = self._find_sampler(trainer)
         if self.sampler.num_sources != self.rule.num_domains:
             raise ValueError(
@@ -351,8 +355,17 @@ class DynamicMixture(pl.Callback):
         return path
 
     # -- checkpointing --------------------------------------------------------------------------
+    def _in_window(self) -> bool:
+        """Whether batches of the current interval were captured but not yet used."""
+        position = self._batches % self.update_every
+        return self._influence and position > self.update_every - self.capture_steps
+
     def state_dict(self) -> dict[str, Any]:
+        # inside a capture window the sensor holds this interval's captures and target: keep them
+        # (between windows it holds nothing that matters, and the target is model-sized)
+        sensor = self._stats.state_dict() if self._in_window() else None
         return {
+            "sensor": sensor,
             "rule": self.rule.state_dict(),
             "batches": self._batches,
             "history": [dict(h) for h in self.history],
@@ -370,3 +383,4 @@ class DynamicMixture(pl.Callback):
         self._skipped = int(state_dict["skipped"])
         self._restored_sampler = state_dict["sampler"]
         self._meter.load_state_dict(state_dict["meter"])
+        self._restored_sensor = state_dict.get("sensor")

@@ -433,6 +433,42 @@ class GradientStatistics(UseTracking):
         self._grad_sums: dict[str, Tensor] = {}
         self._coord: dict[str, Tensor] = {}
 
+    # what a finished capture keeps for result() (the rest of _MicroBatch lives during capture)
+    _RECORD_FIELDS = ("group_ids", "size", "sq", "inner", "sum_sq", "target_dots", "inv_scale")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What was captured since the last :meth:`result` (and the target direction), so that a
+        run checkpointed between captures of one batch resumes with the same result. Tensors,
+        ints and None only: it loads with ``torch.load(..., weights_only=True)``."""
+        if self._attached is not None:
+            raise RuntimeError("state_dict() called while attached; call detach() first")
+        return {
+            "records": [{f: getattr(mb, f) for f in self._RECORD_FIELDS} for mb in self._records],
+            "grad_sums": dict(self._grad_sums),
+            "coord": dict(self._coord),
+            "target": None if self._target is None else dict(self._target),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (tensors moved to the model's device)."""
+        if self._attached is not None:
+            raise RuntimeError("load_state_dict() called while attached; call detach() first")
+        dev = self.device
+
+        def to(x: Any) -> Any:
+            return x.to(dev) if isinstance(x, Tensor) else x
+
+        self.reset()
+        for rec in state["records"]:
+            mb = _MicroBatch(to(rec["group_ids"]))
+            for f in self._RECORD_FIELDS[1:]:
+                setattr(mb, f, to(rec[f]))
+            self._records.append(mb)
+        self._grad_sums = {k: to(v) for k, v in state["grad_sums"].items()}
+        self._coord = {k: to(v) for k, v in state["coord"].items()}
+        target = state["target"]
+        self._target = None if target is None else {k: to(v) for k, v in target.items()}
+
     @property
     def _current(self) -> _MicroBatch | None:
         """The micro-batch being captured; None outside ``attach``/``detach`` and during a

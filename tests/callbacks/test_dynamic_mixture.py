@@ -255,3 +255,44 @@ def test_ddp_ranks_share_weights_and_split_the_global_batch(tmp_path):
     assert max(r0["history"][-1]["weights"]) > 1 / 3 + 1e-3
     assert len(r0["seen"]) == len(r1["seen"]) == 8
     assert all(len(a) == len(b) == 4 for a, b in zip(r0["seen"], r1["seen"], strict=True))
+
+
+def fit_influence(tmp_path, steps, ckpt=None, save=None):
+    sources, w = make_sources(seed=3, n=96)
+    g = torch.Generator().manual_seed(7)
+    xt = torch.randn(48, 4, generator=g)
+    yt = xt @ w
+    sampler = MixtureSampler([96, 96, 96], [1, 1, 1], batch_size=24, seed=0, num_batches=50)
+    model = Regression(sampler, sources)
+
+    def target_loss(module):
+        return ((module.net(xt).squeeze(-1) - yt) ** 2).mean()
+
+    rule = GroupInfluence(3, method="exponentiated", eta=0.5)
+    cb = DynamicMixture(rule, update_every=4, target_loss=target_loss, capture_steps=3)
+    t = trainer(tmp_path, steps, [cb])
+    t.fit(model, ckpt_path=ckpt)
+    if save is not None:
+        t.save_checkpoint(save)
+    return model, cb
+
+
+def test_group_influence_resumes_inside_its_capture_window(tmp_path):
+    """A checkpoint after 7 batches (update_every 4, capture_steps 3: of the interval's batches
+    4-7, batches 5 and 6 captured, 7 still to come) resumes with the same weights as the uninterrupted run:
+    the sensor's captures and target direction are in the checkpoint."""
+    full_model, full_cb = fit_influence(tmp_path / "a", 12)
+    ckpt = tmp_path / "window.ckpt"
+    fit_influence(tmp_path / "b", 7, save=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    (key,) = [k for k in state["callbacks"] if "DynamicMixture" in k]
+    assert len(state["callbacks"][key]["sensor"]["records"]) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning: resuming mid-epoch
+        resumed_model, resumed_cb = fit_influence(tmp_path / "c", 12, ckpt=str(ckpt))
+    assert len(resumed_cb.history) == len(full_cb.history) == 4
+    for h1, h2 in zip(full_cb.history, resumed_cb.history, strict=True):
+        assert h1["step"] == h2["step"]
+        np.testing.assert_allclose(h1["weights"], h2["weights"], rtol=1e-6)
+    for p, q in zip(full_model.parameters(), resumed_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
