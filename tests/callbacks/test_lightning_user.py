@@ -38,7 +38,7 @@ from adaptive.callbacks import (
     OnlineBatchSelection,
     SampleClock,
 )
-from adaptive.mixture import DoReMi, MixtureDataset, MixtureSampler
+from adaptive.mixture import DoReMi, GrowableMixtureSampler, MixtureDataset, MixtureSampler
 from adaptive.schedules import LinearDecayScheduler
 from adaptive.selection import HighLossSelector, UDSSelector
 from adaptive.stats import UnsupportedModuleError
@@ -339,6 +339,72 @@ def test_mixture_selection_schedule_and_logger_in_one_trainer():
     assert trainer.lr_scheduler_configs[0].scheduler.samples_seen == 12 * 8
     assert len(dyn.history) == 1 + 12 // 3
     assert logger.last_metrics["grad_stats/batch_size"] == 8.0
+
+
+def test_growth_selection_mixture_schedule_and_logger_in_one_trainer():
+    """All five at once, on adaptive.mixture.GrowableMixtureSampler: the batch grows in kept
+    samples (the pool at twice that), the mixture reweights its sources, the schedule counts
+    kept samples and the lr follows the kept batch, the logger measures the kept batch."""
+    g = torch.Generator().manual_seed(1)
+    sources = [
+        TensorDataset(torch.randn(80, 6, generator=g) + d, torch.full((80,), d % 3))
+        for d in range(3)
+    ]
+    mix = MixtureDataset(sources)
+    sampler = GrowableMixtureSampler([80, 80, 80], [1 / 3] * 3, 16, num_samples=N, seed=0)
+
+    class MixNet(Net):
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            if self.trainer.training:
+                self.candidates.append(int(batch[0][0].shape[0]))
+            return batch
+
+        def training_step(self, batch, batch_idx):
+            (x, y), _ = batch
+            losses = nn.functional.cross_entropy(self.net(x), y, reduction="none")
+            return {"loss": losses.mean(), "sample_losses": losses}
+
+        def train_dataloader(self):
+            return DataLoader(mix, batch_sampler=sampler)
+
+    kept: list[int] = []
+
+    class Kept(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            kept.append(int(batch[0][0].shape[0]))
+
+    grow = _grows(max_batch_size=24, lr_scaling="linear")
+    dyn = DynamicMixture(DoReMi(3, reference_losses=[0.5, 0.5, 0.5]), update_every=3, log=False)
+    select = OnlineBatchSelection(
+        HighLossSelector(k=8),  # 8 of each 16 candidates: the pool is twice the kept batch
+        forward_fn=lambda module, batch: module(batch[0][0]),
+        loss_fn=lambda logits, batch: nn.functional.cross_entropy(
+            logits, batch[0][1], reduction="none"
+        ),
+    )
+    logger = GradientStatisticsLogger(every_n_steps=1)
+    logged: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.append(logger.last_metrics["grad_stats/batch_size"])
+
+    model = MixNet(lr=0.02, sched="linear-samples")
+    trainer = _trainer([grow, dyn, select, SampleClock(), logger, Record(), Kept()])
+    trainer.fit(model)
+    total = sum(kept)
+    assert total == grow.samples_seen == select.samples_trained
+    assert trainer.lr_scheduler_configs[0].scheduler.samples_seen == total
+    assert max(kept) > 8 and grow.batch_size <= 24  # it grew, in kept samples
+    for candidates, k in zip(model.candidates, kept, strict=True):
+        assert k == max(1, candidates // 2)
+    assert sum(model.candidates) == N  # the epoch is the sampler's budget of candidates
+    assert logged == [float(k) for k in kept]  # the logger measured what was trained on
+    steps = len(kept)
+    assert [h["step"] for h in dyn.history] == list(range(0, steps + 1, 3))[: 1 + steps // 3]
+    torch.testing.assert_close(sampler.weights, dyn.rule.weights.to(sampler.weights.dtype))
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(0.02 * (1 - total / (2 * N)) * grow.batch_size / 8)
 
 
 # ------------------------------------------------------------------ 3. a length
