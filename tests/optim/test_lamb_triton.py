@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,30 +26,8 @@ CHILD = os.environ.get("ADAPTIVE_TRITON_CHILD") == "1"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_interpreted_kernels():
-    if CHILD:
-        pytest.skip("this is the interpreter child")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "ADAPTIVE_TRITON_CHILD": "1"}
-    env["PYTHONPATH"] = str(ROOT)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        __file__,
-        "-q",
-        "-m",
-        "not cuda",
-        "-p",
-        "no:cacheprovider",
-    ]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-6000:]
-    last = log.strip().splitlines()[-1]
-    passed = re.search(r"(\d+) passed", last)
-    assert passed and int(passed.group(1)) >= 8, log[-3000:]
-    skipped = re.search(r"(\d+) skipped", last)  # the parent-process tests (driver, compile)
-    assert skipped is None or int(skipped.group(1)) <= 2, log[-3000:]
+def test_interpreted_kernels(triton_child):
+    triton_child[0](__file__, minimum=8)
 
 
 @pytest.fixture
@@ -170,23 +145,10 @@ def test_applies_refuses_what_the_kernels_cannot_take(monkeypatch):
         lamb_triton.lamb_step([x], [x], [z(x)], [z(x)], [torch.ones(())], {})
 
 
-def test_kernels_compile_for_hopper():
+def test_kernels_compile_for_hopper(triton_child):
     """The compiled form (not the interpreter's) builds for sm_90 on this CPU: Triton's front end,
     MLIR passes and bundled ptxas (tests/triton_aot_worker.py; bf16/fp16 products on wgmma)."""
-    if CHILD:
-        pytest.skip("runs in the parent process")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "triton_aot_worker.py"), "lamb"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
-        pytest.skip("triton's bundled ptxas is missing here")
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert out.stdout.count("compiled for sm_90") == 3, out.stdout
+    triton_child[1]("lamb")
 
 
 # ------------------------------------------------------------------------------------ CUDA

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,31 +32,8 @@ CHILD = os.environ.get("ADAPTIVE_TRITON_CHILD") == "1"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def run_interpreted_child(path: str, minimum: int) -> None:
-    """Run the non-CUDA tests of ``path`` in a child pytest under ``TRITON_INTERPRET=1``; at
-    least ``minimum`` of them must pass and none fail or be skipped."""
-    if CHILD:
-        pytest.skip("this is the interpreter child")
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "ADAPTIVE_TRITON_CHILD": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    cmd = [sys.executable, "-m", "pytest", path, "-q", "-m", "not cuda", "-p", "no:cacheprovider"]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-6000:]
-    passed = re.search(r"(\d+) passed", log)
-    assert passed and int(passed.group(1)) >= minimum, log[-3000:]
-    assert "failed" not in log.splitlines()[-1], log[-3000:]
-    # only the parent-process tests (driver, import, compile) are skipped in the child
-    skipped = re.search(r"(\d+) skipped", log.splitlines()[-1])
-    assert skipped is None or int(skipped.group(1)) <= 3, log[-3000:]
-
-
-def test_interpreted_kernels():
-    run_interpreted_child(__file__, minimum=34)
+def test_interpreted_kernels(triton_child):
+    triton_child[0](__file__, minimum=34)
 
 
 @pytest.fixture
@@ -317,23 +293,10 @@ def test_core_imports_without_triton():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
-def test_kernels_compile_for_hopper():
+def test_kernels_compile_for_hopper(triton_child):
     """The compiled form (not the interpreter's) builds for sm_90 on this CPU: Triton's front end,
     MLIR passes and bundled ptxas (tests/triton_aot_worker.py; bf16/fp16 products on wgmma)."""
-    if CHILD:
-        pytest.skip("runs in the parent process")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "triton_aot_worker.py"), "stats"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
-        pytest.skip("triton's bundled ptxas is missing here")
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert out.stdout.count("compiled for sm_90") == 3, out.stdout
+    triton_child[1]("stats")
 
 
 # ------------------------------------------------------------------------------------ CUDA
