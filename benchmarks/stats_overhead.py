@@ -14,7 +14,17 @@ statistics) of:
 - ``ours_all``: the same with inner-product and orthogonality variances;
 - ``vmap``: torch.func per-sample gradients (functional_call + vmap(grad)), their norms, and ``.grad``
   set to their mean, the pattern of the AdAdaGrad reference code;
-- ``opacus``: Opacus ``GradSampleModule`` (per-sample gradients by hooks), then their norms;
+- ``opacus_hooks``, ``opacus_functorch``, ``opacus_ew``: Opacus ``GradSampleModule`` with
+  ``grad_sample_mode`` ``"hooks"`` (its per-layer rule where it has one, torch.func on the
+  module otherwise), ``"functorch"`` (torch.func for every trainable module) and ``"ew"``
+  (torch's ExpandedWeights), each step then summing the squared per-sample gradients over the
+  whole model, as ``ours_norms`` does; ``opacus_ghost``: its ghost clipping mode, which forms
+  per-sample norms without per-sample gradients where it has a norm rule (Linear, Embedding).
+  A mode that Opacus cannot run on a model (at wrapping or in a trial step) is a row saying
+  ``refused: <its error>``; without Opacus installed, ``opacus not installed``. Once per model,
+  untimed, each mode's per-sample squared norms are compared with ours
+  (``StatisticsResult.per_sample_sq_norms``), and where they differ the parameters at fault are
+  found against torch.func per parameter (see :func:`opacus_check`);
 - ``backpack``: BackPACK ``BatchL2Grad`` (per-sample squared norms) during the backward.
 
 Models: ``cnn`` (a small CNN on 28×28 inputs) and ``block`` (a small pre-norm transformer block
@@ -306,7 +316,20 @@ def kernel_switch(on: bool):
             os.environ["ADAPTIVE_NATIVE"] = before
 
 
-def build_methods(factory, loss_fn, x, y, device) -> dict[str, Callable[[], object]]:
+def build_methods(
+    factory,
+    loss_fn,
+    x,
+    y,
+    device,
+    refused: dict[str, str] | None = None,
+    keep: set[str] | None = None,
+) -> dict[str, Callable[[], object]]:
+    """The timed methods on copies of one model. A peer that cannot run this model is left
+    out and, where ``refused`` is given, named there with the reason (Opacus and BackPACK).
+    ``keep``: build only the peers named there (the Opacus modes run a trial step here)."""
+    if refused is None:
+        refused = {}
     torch.manual_seed(0)
     base = factory().to(device)
     methods: dict[str, Callable[[], object]] = {}
@@ -360,46 +383,250 @@ def build_methods(factory, loss_fn, x, y, device) -> dict[str, Callable[[], obje
 
     methods["vmap"] = run_vmap
 
+    opacus_labels = [k for k in OPACUS_MODES if keep is None or k in keep]
+    methods.update(build_opacus(base, loss_fn, x, y, refused, opacus_labels))
+
+    if keep is None or "backpack" in keep:
+        try:
+            from backpack import backpack, extend
+            from backpack.extensions import BatchL2Grad
+
+            if any(
+                isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.Embedding)) for m in base.modules()
+            ):
+                raise TypeError("BackPACK BatchL2Grad has no LayerNorm/GroupNorm/Embedding support")
+            bp = extend(copy.deepcopy(base))
+            bp_loss = extend(nn.CrossEntropyLoss())
+
+            def run_backpack():
+                bp.zero_grad(set_to_none=True)
+                with backpack(BatchL2Grad()):
+                    bp_loss(bp(x), y).backward()
+                return sum(p.batch_l2 for p in bp.parameters())
+
+            methods["backpack"] = run_backpack
+        except ImportError:
+            refused["backpack"] = "backpack not installed"
+        except Exception as err:
+            refused["backpack"] = "refused: " + _reason(err)
+    for label, why in refused.items():
+        print(f"{label}: {why}", file=sys.stderr)
+    return methods
+
+
+# ----------------------------------------------------------------------------- Opacus
+# Opacus's ways to per-sample gradients, one row each: method label -> grad_sample_mode
+OPACUS_MODES = {
+    "opacus_hooks": "hooks",
+    "opacus_functorch": "functorch",
+    "opacus_ew": "ew",
+    "opacus_ghost": "ghost",
+}
+
+
+def _reason(err: BaseException) -> str:
+    """The error's type and the first line of its message, for a table cell."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first[:200]}".rstrip(": ")
+
+
+def opacus_sq_norms(op: nn.Module, params: list[nn.Parameter], mode: str) -> torch.Tensor:
+    """Per-sample squared gradient norms of the whole model after an Opacus backward: from
+    ``p.grad_sample`` of every trainable parameter, or ghost clipping's per-sample norms."""
+    if mode == "ghost":
+        return op.get_norm_sample().square()
+    total = None
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            raise RuntimeError(f"no per-sample gradient for a parameter of shape {tuple(p.shape)}")
+        if isinstance(gs, list):
+            raise RuntimeError("per-sample gradients of several backward passes were stacked")
+        sq = gs.reshape(gs.shape[0], -1).square().sum(1)
+        total = sq if total is None else total + sq
+    return total
+
+
+def build_opacus(
+    base: nn.Module, loss_fn, x, y, refused: dict[str, str], labels: list[str] | None = None
+) -> dict[str, Callable]:
+    """One step function per Opacus mode, each on its own copy of ``base``. Each runs one trial
+    step here (some refusals come only in the forward or backward, e.g. ExpandedWeights meeting
+    an operation it has no rule for); a mode that fails is put in ``refused`` with its error.
+    Each step returns the per-sample squared norms; ``.model``, ``.op`` and ``.mode`` are kept on
+    the function for :func:`opacus_check`. ``labels``: only these modes (default: all)."""
+    labels = list(OPACUS_MODES) if labels is None else labels
+    if not labels:
+        return {}
     try:
-        from opacus import GradSampleModule
+        from opacus.grad_sample.utils import wrap_model
+    except ImportError:
+        refused.update(dict.fromkeys(labels, "opacus not installed"))
+        return {}
+    methods: dict[str, Callable] = {}
+    for label in labels:
+        mode = OPACUS_MODES[label]
+        model = copy.deepcopy(base)
+        params = [p for p in model.parameters() if p.requires_grad]  # tied weights once
+        kwargs = {"max_grad_norm": 1.0} if mode == "ghost" else {}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                op = wrap_model(model, mode, loss_reduction="mean", **kwargs)
+        except Exception as err:
+            refused[label] = "refused: " + _reason(err)
+            continue
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            op = GradSampleModule(copy.deepcopy(base), loss_reduction="mean")
-
-        def run_opacus():
-            op.zero_grad(set_to_none=True)
-            for p in op.parameters():
+        def step(op=op, params=params, mode=mode):
+            for p in params:
+                p.grad = None
                 p.grad_sample = None
             loss_fn(op(x), y).backward()
-            return sum(
-                p.grad_sample.reshape(p.grad_sample.shape[0], -1).square().sum(1)
-                for p in op.parameters()
-            )
+            return opacus_sq_norms(op, params, mode)
 
-        methods["opacus"] = run_opacus
-    except Exception as err:  # a peer that cannot handle the model is reported, not fatal
-        print(f"opacus unavailable: {err}", file=sys.stderr)
-
-    try:
-        from backpack import backpack, extend
-        from backpack.extensions import BatchL2Grad
-
-        if any(isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.Embedding)) for m in base.modules()):
-            raise TypeError("BackPACK BatchL2Grad has no LayerNorm/GroupNorm/Embedding support")
-        bp = extend(copy.deepcopy(base))
-        bp_loss = extend(nn.CrossEntropyLoss())
-
-        def run_backpack():
-            bp.zero_grad(set_to_none=True)
-            with backpack(BatchL2Grad()):
-                bp_loss(bp(x), y).backward()
-            return sum(p.batch_l2 for p in bp.parameters())
-
-        methods["backpack"] = run_backpack
-    except Exception as err:
-        print(f"backpack skipped: {err}", file=sys.stderr)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                step()
+        except Exception as err:
+            refused[label] = "refused: " + _reason(err)
+            continue
+        step.model, step.op, step.mode = model, op, mode
+        methods[label] = step
     return methods
+
+
+def opacus_coverage(op: nn.Module, model: nn.Module, mode: str) -> dict[str, list[str]]:
+    """How Opacus handles each module it hooks: ``"norm rule"`` (ghost clipping's norm without
+    per-sample gradients), ``"rule"`` (its per-layer per-sample gradient) or ``"functorch"``
+    (torch.func on that module and everything under it: Opacus does not look inside a module
+    that owns a trainable parameter it has no rule for). Modules by name, ``""`` the top."""
+    out: dict[str, list[str]] = {}
+    if mode == "ew" or not hasattr(op, "iterate_submodules"):
+        return out
+    names = {id(m): n for n, m in model.named_modules()}
+    for m in op.iterate_submodules(model):
+        if mode == "ghost" and type(m) in getattr(op, "NORM_SAMPLERS", {}):
+            how = "norm rule"
+        elif mode != "functorch" and type(m) in op.GRAD_SAMPLERS:
+            how = "rule"
+        else:
+            how = "functorch"
+        name = names.get(id(m), "?") or "<model>"
+        out.setdefault(how, []).append(f"{name} ({type(m).__name__})")
+    return out
+
+
+def _per_param_sq_norms(step: Callable) -> dict[str, torch.Tensor]:
+    """After an Opacus step: each trainable parameter's per-sample squared norms, by name."""
+    out = {}
+    for name, p in step.model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if step.mode == "ghost":
+            ns = getattr(p, "_norm_sample", None)
+            out[name] = None if ns is None else ns.square()
+        else:
+            gs = getattr(p, "grad_sample", None)
+            out[name] = None if gs is None else gs.reshape(gs.shape[0], -1).square().sum(1)
+    return out
+
+
+def opacus_check(
+    factory, loss_fn, x, y, device, labels: list[str] | None = None, rtol: float = 1e-4
+) -> dict[str, dict]:
+    """Untimed, once per model: does each Opacus mode compute the per-sample squared gradient
+    norms that ``ours_norms`` computes? Each mode runs one step on the model the timed methods
+    use (same seed, same batch); its norms are compared with ``per_sample_sq_norms`` of
+    :class:`GradientStatistics`. Where they differ, each parameter's per-sample squared norm is
+    compared with torch.func's (vmap of grad, exact up to rounding) to name the parameters at
+    fault, with the module that owns each and, for a convolution whose input is not contiguous
+    (channels-last strides, as after timm's LayerNorm2d), that cause: Opacus's conv rule
+    unfolds its input with ``as_strided`` as if it were contiguous. Returns, per method label,
+    ``{"refused": why}`` or ``max_rel_diff``, ``agrees``, ``differing``, ``coverage``."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    base = factory().to(device)
+    refused: dict[str, str] = {}
+    steps = build_opacus(base, loss_fn, x, y, refused, labels)
+    out: dict[str, dict] = {k: {"refused": v} for k, v in refused.items()}
+    if not steps:
+        return out
+
+    ours_model = copy.deepcopy(base)
+    stats = GradientStatistics(ours_model, inner_products=False)
+    with stats.capture():
+        loss_fn(ours_model(x), y).backward()
+    ours = stats.result().per_sample_sq_norms.detach()
+    stats.reset()
+
+    ref_model = copy.deepcopy(base)
+    params = {k: v.detach() for k, v in ref_model.named_parameters() if v.requires_grad}
+    frozen = {k: v.detach() for k, v in ref_model.named_parameters() if not v.requires_grad}
+    buffers = dict(ref_model.named_buffers())
+
+    def one(p, xi, yi):
+        out = functional_call(ref_model, (p, frozen, buffers), (xi.unsqueeze(0),))
+        return loss_fn(out, yi.unsqueeze(0))
+
+    per = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    ref = {k: g.reshape(g.shape[0], -1).square().sum(1).detach() for k, g in per.items()}
+    del per
+    scale = float(ours.max())
+
+    for label, step in steps.items():
+        contiguous: dict[str, bool] = {}
+        handles = []
+        for mname, m in step.model.named_modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+
+                def pre(_m, args, mname=mname, seen=contiguous):
+                    seen[mname] = args[0].is_contiguous()
+
+                handles.append(m.register_forward_pre_hook(pre))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                theirs = step().detach()
+            per_param = _per_param_sq_norms(step)
+        finally:
+            for h in handles:
+                h.remove()
+        rel = float(((theirs - ours).abs() / ours.abs().clamp_min(1e-30)).max())
+        owners: dict[str, tuple[str, nn.Module]] = {}
+        for mname, m in step.model.named_modules():
+            for pname, _ in m.named_parameters(recurse=False):
+                owners.setdefault(f"{mname}.{pname}" if mname else pname, (mname, m))
+        differing = []
+        for name, want in ref.items():
+            got = per_param.get(name)
+            if got is not None and torch.allclose(got, want, rtol=rtol, atol=rtol * 1e-2 * scale):
+                continue
+            mname, m = owners.get(name, ("?", None))
+            if got is None:
+                why = "Opacus gave no per-sample gradient"
+            elif (
+                step.mode in ("hooks", "ghost")
+                and type(m) in getattr(step.op, "GRAD_SAMPLERS", {})
+                and contiguous.get(mname) is False
+            ):
+                why = (
+                    "input not contiguous (channels-last strides); Opacus's conv rule "
+                    "(unfold2d, as_strided) reads it as contiguous"
+                )
+            else:
+                err = float(((got - want).abs() / want.abs().clamp_min(1e-30)).max())
+                why = f"max rel. difference {err:.1e} from torch.func"
+            differing.append({"param": name, "module": type(m).__name__, "why": why})
+        out[label] = {
+            "max_rel_diff": rel,
+            "agrees": rel <= rtol,
+            "differing": differing,
+            "coverage": opacus_coverage(step.op, step.model, step.mode),
+        }
+    return out
 
 
 def sync_free_capture(factory, loss_fn, x, y, device) -> bool | None:
@@ -501,10 +728,14 @@ def run(args: argparse.Namespace) -> dict:
             out["versions"][pkg] = __import__(pkg).__version__
     for name, batch in zip(args.models, args.batches, strict=True):
         factory, loss_fn, x, y = make_case(name, batch, device)
-        methods = build_methods(factory, loss_fn, x, y, device)
+        keep = None
         if getattr(args, "methods", None):  # plain (the reference) and ours_norms always run
             keep = {"plain", "ours_norms", *args.methods}
+        refused: dict[str, str] = {}
+        methods = build_methods(factory, loss_fn, x, y, device, refused, keep)
+        if keep is not None:
             methods = {k: f for k, f in methods.items() if k in keep}
+            refused = {k: v for k, v in refused.items() if k in keep}
         for fn in methods.values():
             for _ in range(args.warmup):
                 fn()
@@ -525,8 +756,14 @@ def run(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         replay_share = (last_resort.replay_seconds() - replay0) / (time.perf_counter() - t0)
+        # untimed: do Opacus's per-sample norms equal ours on this model (and if not, why)?
+        wanted = [k for k in OPACUS_MODES if k in methods or k in refused]
+        check = opacus_check(factory, loss_fn, x, y, device, wanted) if wanted else {}
         out["models"][name] = {
             "batch": batch,
+            # methods that could not run on this model: label -> why
+            "refused": refused,
+            "opacus_check": {k: check[k] for k in wanted if k in check},
             # share of ours_norms' wall time spent replaying modules without a rule (torch.func)
             "replay_share": replay_share if device.type == "cpu" else None,
             "sync_free_capture": sync_free_capture(factory, loss_fn, x, y, device),
@@ -592,6 +829,11 @@ def reexec_with_isa(isa: str | None) -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
 
 
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell (no pipes, no line breaks)."""
+    return text.replace("|", "/").replace("\n", " ")
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [
@@ -634,6 +876,38 @@ def markdown(res: dict) -> str:
                 f"{v['ratio_to_plain_min']:.2f}–{v['ratio_to_plain_max']:.2f} | "
                 f"{'-' if pf is None else f'{pf:.0f}'} |"
             )
+        for k, why in r.get("refused", {}).items():
+            lines.append(f"| {k} | {_cell(why)} | - | - | - |")
+        if r.get("opacus_check"):
+            lines += [
+                "",
+                "Opacus's per-sample squared norms against ours (`per_sample_sq_norms`), one "
+                "untimed step; where they differ, the parameters whose norms differ from "
+                "torch.func's:",
+                "",
+                "| method | max rel. difference | same as ours | differing parameters | "
+                "modules Opacus hands to torch.func (with all inside them) |",
+                "|---|---:|---|---|---|",
+            ]
+            for k, c in r["opacus_check"].items():
+                if "refused" in c:
+                    lines.append(f"| {k} | - | {_cell(c['refused'])} | - | - |")
+                    continue
+                ft = c["coverage"].get("functorch", [])
+                ft_text = ", ".join(ft[:6]) + (f" and {len(ft) - 6} more" if len(ft) > 6 else "")
+                if OPACUS_MODES.get(k) == "functorch":
+                    ft_text = "every trainable module"
+                groups: dict[tuple[str, str], list[str]] = {}
+                for d in c["differing"]:
+                    groups.setdefault((d["module"], d["why"]), []).append(d["param"])
+                diff_text = "; ".join(
+                    f"{', '.join(names)} ({module}): {why}"
+                    for (module, why), names in groups.items()
+                )
+                lines.append(
+                    f"| {k} | {c['max_rel_diff']:.1e} | {'yes' if c['agrees'] else 'no'} | "
+                    f"{_cell(diff_text) or '-'} | {_cell(ft_text) or '-'} |"
+                )
         if r.get("replay_share") is not None:
             lines.append(
                 f"\nTime in last-resort replays (modules without a rule, torch.func): "

@@ -39,8 +39,9 @@ def test_methods_agree_on_per_sample_norms():
     # own loss (vmap, and Opacus, which undoes the mean) or of its term in the mean loss
     # (BackPACK: 1/b of the gradient, so 1/b² of the squared norm)
     torch.testing.assert_close(methods["vmap"](), want, rtol=1e-4, atol=1e-7)
-    if "opacus" in methods:
-        torch.testing.assert_close(methods["opacus"](), want, rtol=1e-4, atol=1e-7)
+    for label in bench.OPACUS_MODES:
+        if label in methods:  # each Opacus mode that runs here (none without opacus)
+            torch.testing.assert_close(methods[label](), want, rtol=1e-4, atol=1e-7)
     if "backpack" in methods:
         torch.testing.assert_close(methods["backpack"]() * 36, want, rtol=1e-4, atol=1e-7)
     mean = sum(g.mean(0).square().sum() for g in per.values())
@@ -106,3 +107,91 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
     before, after = map(int, out.stdout.split())
     assert before > 5 * 1000  # 16 MB is ~3900 pages, faulted in on every allocation
     assert after < 50
+
+
+def test_opacus_norms_match_ours_on_models_it_supports():
+    """Each Opacus mode's per-sample squared norms (the timed step's return value) equal
+    ``per_sample_sq_norms`` of ours on the CNN and the transformer block, checked here and by
+    the benchmark's own untimed check."""
+    pytest.importorskip("opacus")
+    from adaptive.stats import GradientStatistics
+
+    for name, b in (("cnn", 6), ("block", 3)):
+        factory, loss_fn, x, y = bench.make_case(name, b, torch.device("cpu"))
+        refused: dict[str, str] = {}
+        methods = bench.build_methods(factory, loss_fn, x, y, torch.device("cpu"), refused)
+        torch.manual_seed(0)
+        model = factory()
+        stats = GradientStatistics(model, inner_products=False)
+        with stats.capture():
+            loss_fn(model(x), y).backward()
+        ours = stats.result().per_sample_sq_norms
+        assert ours.shape == (b,)
+        for label in bench.OPACUS_MODES:
+            assert label in methods, (name, label, refused.get(label))
+            torch.testing.assert_close(methods[label](), ours, rtol=1e-4, atol=0)
+        check = bench.opacus_check(factory, loss_fn, x, y, torch.device("cpu"))
+        for label in bench.OPACUS_MODES:
+            assert check[label]["agrees"] and check[label]["max_rel_diff"] <= 1e-4, label
+            assert check[label]["differing"] == []
+
+
+def test_opacus_rows_refusals_and_check_in_a_short_run():
+    """Every Opacus mode is a row on every model: timed, or ``refused: <error>`` (never left
+    out silently). The tiny Llama ties its embedding to its head, which ghost clipping
+    refuses; where a mode runs, the record says whether its norms are ours."""
+    pytest.importorskip("opacus")
+    args = argparse.Namespace(
+        device="cpu",
+        models=["cnn", "llama-tiny-seq256"],
+        batches=[4, 2],
+        rounds=1,
+        steps=1,
+        warmup=0,
+        clock="process",
+        note="test",
+    )
+    res = bench.run(args)
+    for name, r in res["models"].items():
+        for label in bench.OPACUS_MODES:
+            timed, refused = label in r["methods"], label in r["refused"]
+            assert timed != refused, (name, label)
+            if refused:
+                assert r["refused"][label].startswith("refused: ")
+                assert r["opacus_check"][label] == {"refused": r["refused"][label]}
+            else:
+                assert r["methods"][label]["median_step_ms"] > 0
+                assert r["opacus_check"][label]["max_rel_diff"] <= 1e-4, (name, label)
+    assert set(res["models"]["cnn"]["refused"]) <= {"backpack"}
+    llama = res["models"]["llama-tiny-seq256"]
+    assert "tying" in llama["refused"]["opacus_ghost"]
+    assert "opacus_hooks" in llama["methods"]  # the tied weight is handled by the hooks
+    table = bench.markdown(res)
+    assert "| opacus_hooks |" in table and "| opacus_ghost | refused: " in table
+    assert "Opacus's per-sample squared norms against ours" in table
+
+
+def test_without_opacus_the_rows_say_so(monkeypatch):
+    """With Opacus not importable, each of its modes is refused as "opacus not installed"."""
+    for mod in [m for m in sys.modules if m == "opacus" or m.startswith("opacus.")]:
+        monkeypatch.setitem(sys.modules, mod, None)
+    monkeypatch.setitem(sys.modules, "opacus", None)
+    factory, loss_fn, x, y = bench.make_case("cnn", 4, torch.device("cpu"))
+    refused: dict[str, str] = {}
+    methods = bench.build_methods(factory, loss_fn, x, y, torch.device("cpu"), refused)
+    for label in bench.OPACUS_MODES:
+        assert label not in methods and refused[label] == "opacus not installed"
+    assert bench.opacus_check(factory, loss_fn, x, y, torch.device("cpu")) == {
+        label: {"refused": "opacus not installed"} for label in bench.OPACUS_MODES
+    }
+
+
+def test_methods_filter_builds_no_opacus_rows():
+    """``--methods plain ours_norms`` (gpu_suite.sh) builds no Opacus mode (each would run a
+    trial step) and lists none as refused."""
+    factory, loss_fn, x, y = bench.make_case("cnn", 4, torch.device("cpu"))
+    refused: dict[str, str] = {}
+    keep = {"plain", "ours_norms"}
+    methods = bench.build_methods(factory, loss_fn, x, y, torch.device("cpu"), refused, keep)
+    assert not set(bench.OPACUS_MODES) & (set(methods) | set(refused))
+    assert "backpack" not in methods and "backpack" not in refused
