@@ -37,6 +37,7 @@ from adaptive.stats.layers import (
     LayerRule,
     UnsupportedModuleError,
 )
+from adaptive.stats.ops import WATCH
 from adaptive.stats.planner import PathPlanner, PlanEntry
 from adaptive.stats.registry import find_rule
 from adaptive.stats.uses import TOGGLED, UseTracking
@@ -126,7 +127,10 @@ class _MicroBatch:
         self.uses: dict[str, int] = {}  # parameter -> calls that used it (see uses.py)
         self.calls: dict[str, int] = {}  # module -> calls in this capture
         self.shared: dict[str, Tensor] = {}  # parameter used several times -> (b, *shape) sum
-        self.replay_stack: list[dict[str, int]] = []  # modules without a rule being called
+        # modules without a rule being called: the calls of their layers before, and the
+        # watch of the operations on their parameters (ops.py), if any
+        self.replay_stack: list[tuple[dict[str, int], Any]] = []
+        self.op_calls: list[Any] = []  # watched calls not yet returned
         # fused layers: name -> (planner key to record a measurement under, or None; the paths
         # to run: the candidates to time, or the one chosen)
         self.plans: dict[str, tuple[tuple | None, tuple[str, ...]]] = {}
@@ -346,6 +350,8 @@ class GradientStatistics(UseTracking):
             (name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)
         ]
         self._plan_replays()
+        # modules whose operations the op-level path could not follow -> why (replayed instead)
+        self._op_refused: dict[str, str] = {}
         self.reset()
 
     # ------------------------------------------------------------------ set-up
@@ -584,6 +590,11 @@ class GradientStatistics(UseTracking):
             h.remove()
         self._handles = []
         mb, self._attached = self._attached, None
+        if mb is not None:  # a forward that raised leaves watched calls open: close them
+            for call in mb.op_calls:
+                call.cancelled = True
+                WATCH.pop(call)
+            mb.op_calls.clear()
         if mb is not None:  # a forward that raised leaves parameters switched off: restore
             for params in mb.toggled.values():
                 for _, p in params:

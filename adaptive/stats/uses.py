@@ -31,9 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from adaptive.stats.last_resort import ModuleCall, per_sample_grads, replaying, tap_outputs
 from adaptive.stats.layers import UnsupportedModuleError
+from adaptive.stats.ops import WATCH, OpCall
 from adaptive.stats.registry import per_sample_params
 
 if TYPE_CHECKING:
@@ -195,7 +197,14 @@ class UseTracking:
         if mb is None or replaying() or not torch.is_grad_enabled():
             return
         below = self._replays[site.name]
-        mb.replay_stack.append({s.name: mb.calls.get(s.name, 0) for _, s in below})
+        call = None
+        if site.name not in self._op_refused and mb.size is not None and mb.size > 1:
+            # watch the operations on its parameters (ops.py); the replay if that fails
+            params = {full: p for full, p in site.params.values()}
+            call = OpCall(site.name, mb.size, params, self._on_op_grad)
+            WATCH.push(call)
+            mb.op_calls.append(call)
+        mb.replay_stack.append(({s.name: mb.calls.get(s.name, 0) for _, s in below}, call))
 
     def _on_replay_forward(
         self, site: _Site, module: nn.Module, args: tuple, kwargs: dict, output: Any
@@ -203,8 +212,13 @@ class UseTracking:
         mb = self._current
         if mb is None or replaying() or not torch.is_grad_enabled() or not mb.replay_stack:
             return None
+        before, call = mb.replay_stack.pop()
+        if call is not None:
+            WATCH.pop(call)
+            mb.op_calls.remove(call)
+            if self._op_level(site, call, before, output):
+                return None
         self._refuse_recompute(site.name)
-        before = mb.replay_stack.pop()
         params = {loc: p for loc, (_, p) in site.params.items()}
         fulls = {loc: f for loc, (f, _) in site.params.items()}
         for rel, s in self._replays[site.name]:
@@ -216,6 +230,34 @@ class UseTracking:
         self._use(mb, fulls.values())
         handler = partial(self._on_replay_grad, site, fulls)
         return tap_outputs(site.name, module, params, args, kwargs, output, handler)
+
+    def _op_level(self, site: _Site, call: OpCall, before: dict[str, int], output: Any) -> bool:
+        """Whether the operations watched during this call give its parameters' per-sample
+        gradients (then they count as used, once per operation); else the call is cancelled and
+        the module is replayed (and not watched again if an operation was the reason)."""
+        mb = self._current
+        why = call.failed
+        if why is None and any(
+            mb.calls.get(s.name, 0) == before[s.name] for _, s in self._replays[site.name]
+        ):
+            why = "a layer inside it did not run (its parameters may be used by the module's code)"
+        if why is None and any(WATCH.holds(x) for x in tree_leaves(output)):
+            why = "it returns a tensor computed from its parameters alone"
+        if why is None:
+            self._refuse_recompute(site.name)
+            mb.calls[site.name] = mb.calls.get(site.name, 0) + 1
+            self._use(mb, call.uses)
+            return True
+        call.cancelled = True
+        self._op_refused[site.name] = why
+        return False
+
+    def _on_op_grad(self, call: OpCall, full: str, g: Tensor) -> None:
+        mb = self._current
+        if mb is None:
+            return
+        self._start(mb, g.shape[0], call.name)
+        self._contribute(mb, full, g.detach())
 
     def _on_replay_grad(
         self,
