@@ -289,9 +289,11 @@ class DynamicMixture(pl.Callback):
             self._update(trainer, pl_module)
 
     # -- updating -------------------------------------------------------------------------------
-    def _signals(self) -> MixtureSignals:
+    def _signals(self, trainer: pl.Trainer) -> MixtureSignals:
         if self._influence:
-            res = self._stats.result()
+            # each captured batch's loss was divided by the accumulation count only (the default,
+            # the number of captures, would scale the dots by capture_steps)
+            res = self._stats.result(loss_divisor=trainer.accumulate_grad_batches)
             alignment = alignment_from_statistics(res.group_grad_dots, res.group_counts).cpu()
             counts = res.group_counts.detach().cpu().to(torch.float64)
             return MixtureSignals(torch.zeros_like(counts), counts, alignment=alignment)
@@ -300,7 +302,7 @@ class DynamicMixture(pl.Callback):
         return signals
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        signals = self._signals()
+        signals = self._signals(trainer)
         check = signals.alignment if self._influence else signals.losses[signals.counts > 0]
         if self.nan_policy == "skip" and not bool(torch.isfinite(check).all()):
             self._skipped += 1
