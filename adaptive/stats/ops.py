@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from adaptive.stats.last_resort import _replay
+from adaptive.stats.last_resort import Tap, _replay
 
 __all__ = ["WATCH", "OpCall", "OpWatch", "op_seconds"]
 
@@ -355,8 +355,11 @@ class OpWatch(TorchFunctionMode):
                 _to_roots(calls, roots, v, per.to(v.dtype))
             _SECONDS[0] += time.perf_counter() - start
 
-        out.register_hook(back)
-        return out
+        if not out._is_view():
+            out.register_hook(back)
+            return out
+        # a view modified in place later would lose its hooks: hand out an alias (statistics.py)
+        return Tap.apply(lambda grads: grads[0] is not None and back(grads[0]), out)[0]
 
 
 def _to_roots(calls: tuple[OpCall, ...], roots: dict[int, Tensor], t: Tensor, per: Tensor) -> None:

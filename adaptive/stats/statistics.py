@@ -31,8 +31,9 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
+from adaptive.stats.audit import UseAudit
 from adaptive.stats.broadcast import BatchBroadcast, broadcast_output
-from adaptive.stats.last_resort import replaying
+from adaptive.stats.last_resort import Tap, replaying
 from adaptive.stats.layers import (
     LayerRule,
     UnsupportedModuleError,
@@ -182,6 +183,22 @@ def _batch_sum(g: Tensor) -> Tensor:
     for pos, dim in enumerate(order):
         back[dim - 1] = pos
     return total.permute(*back)
+
+
+def _grad_hook(output: Tensor, handler: Any) -> Tensor | None:
+    """Call ``handler(δ)`` with the gradient of a layer's ``output`` in backward; returns what the
+    forward hook should return. A tensor hook does it, except on a view (Linear on a sequence
+    returns one): a view modified in place afterwards (``h.mul_(gamma)``) gets a new grad_fn
+    and its hooks never fire, so a view is replaced by an alias from :class:`Tap` instead."""
+    if not output._is_view():
+        output.register_hook(handler)
+        return None
+
+    def on_grads(grads: tuple[Tensor | None, ...]) -> None:
+        if grads[0] is not None:
+            handler(grads[0])
+
+    return Tap.apply(on_grads, output)[0]
 
 
 class _FusedWeightGrads(torch.autograd.Function):
@@ -352,6 +369,8 @@ class GradientStatistics(UseTracking):
         self._plan_replays()
         # modules whose operations the op-level path could not follow -> why (replayed instead)
         self._op_refused: dict[str, str] = {}
+        self._audit: UseAudit | None = None  # the first capture's check of the uses (audit.py)
+        self._audited = False
         self.reset()
 
     # ------------------------------------------------------------------ set-up
@@ -583,6 +602,23 @@ class GradientStatistics(UseTracking):
                 continue
             if not lazy:
                 self._hook_params(site)
+        if self._mode == "per_sample" and not self._sharded and not self._audited:
+            self._audit = UseAudit(self._allowed_users())
+            self._audit.__enter__()
+
+    def _allowed_users(self) -> dict[int, tuple[Tensor, str, list[nn.Module]]]:
+        """id(parameter) -> (it, its name, the modules that may use it: those holding it, and
+        the modules without a rule above them, whose replay differentiates it)."""
+        allowed: dict[int, tuple[Tensor, str, list[nn.Module]]] = {}
+        above: dict[str, list[nn.Module]] = {}
+        for site in self._sites:
+            for _, below in self._replays.get(site.name, []):
+                above.setdefault(below.name, []).append(site.module)
+        for site in self._sites:
+            for full, p in site.params.values():
+                entry = allowed.setdefault(id(p), (p, full, []))
+                entry[2].extend([site.module, *above.get(site.name, [])])
+        return allowed
 
     def detach(self) -> None:
         """Stop capturing; the micro-batch counts if a backward pass reached the hooks."""
@@ -595,13 +631,18 @@ class GradientStatistics(UseTracking):
                 call.cancelled = True
                 WATCH.pop(call)
             mb.op_calls.clear()
+        if self._audit is not None:
+            self._audit.close()
+            self._audit = None
+            self._audited = mb is not None and mb.size is not None
         if mb is not None:  # a forward that raised leaves parameters switched off: restore
             for params in mb.toggled.values():
                 for _, p in params:
                     p.requires_grad_(True)
                     TOGGLED.discard(id(p))
             mb.toggled.clear()
-        if mb is not None and mb.size is not None:
+        # it counts if its backward reached the hooks (a forward that raised leaves nothing)
+        if mb is not None and mb.size is not None and (mb.sq is not None or mb.sum_sq is not None):
             if mb.group_ids is not None and mb.group_ids.shape[0] != mb.size:
                 raise ValueError(
                     f"group_ids has {mb.group_ids.shape[0]} entries but the micro-batch has "
@@ -698,8 +739,7 @@ class GradientStatistics(UseTracking):
             plan = mb.plans.pop(site.name)
             handler = partial(self._fused_or_shared, site, a, [local for local, _ in toggled], plan)
             return _FusedWeightGrads.apply(output, handler, *[p for _, p in toggled])
-        output.register_hook(partial(self._on_output_grad, site, a))
-        return None
+        return _grad_hook(output, partial(self._on_output_grad, site, a))
 
     @staticmethod
     def _broadcast(mb: _MicroBatch, a: Tensor) -> bool:

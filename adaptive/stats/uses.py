@@ -8,9 +8,12 @@ uses in one forward, modules without a rule, and several sensors on one model.
   backward, the calls of a parameter used more than once write their per-sample gradients into
   one ``(b, *param.shape)`` buffer, which the parameter's own gradient hook (it fires once, after
   every use has contributed) turns into the statistics.
-- **No rule.** A module whose computation no rule knows gets its parameters' per-sample
-  gradients from :mod:`adaptive.stats.last_resort` (exact, at about one more forward and
-  backward of that module). Parameters of child modules that its forward uses without calling
+- **No rule.** A module whose computation no rule knows has its parameters followed through
+  the operations they enter while it runs (:mod:`adaptive.stats.ops`: broadcast pointwise
+  operations, expansions, normalisations; exact, at the cost of a reduction per use). Where an
+  operation cannot be followed, the call falls back to :mod:`adaptive.stats.last_resort` (exact,
+  at about one more forward and backward of that module; a warning names it once), and the module
+  is replayed from then on. Parameters of child modules that its forward uses without calling
   the child (``nn.MultiheadAttention`` passes ``out_proj.weight`` to a functional call) are
   differentiated with it.
 - **Every gradient accounted for.** Each parameter's gradient hook checks that some hooked call
@@ -25,7 +28,6 @@ uses in one forward, modules without a rule, and several sensors on one model.
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -56,10 +58,9 @@ class UseTracking:
     def _plan_replays(self) -> None:
         """For each module without a rule: the parameters its replay differentiates (its own,
         plus those of descendant layers, adopted when such a layer does not run during its
-        call), by name relative to it; and one warning naming them all, with the cost."""
+        call), by name relative to it."""
         self._replays: dict[str, list[tuple[str, _Site]]] = {}
         names = {s.module: s for s in self._sites}
-        listed: dict[str, list[str]] = defaultdict(list)
         for site in self._sites:
             if site.rule is not None:
                 continue
@@ -68,19 +69,7 @@ class UseTracking:
                 if rel and m in names:
                     below.append((rel, names[m]))
             self._replays[site.name] = below
-            listed[type(site.module).__name__].append(site.name)
-        if listed:
-            what = "; ".join(
-                f"{t} ×{len(v)} ({', '.join(v[:3])}{', …' if len(v) > 3 else ''})"
-                for t, v in listed.items()
-            )
-            warnings.warn(
-                f"GradientStatistics: no per-sample rule for {what}: their parameters get exact "
-                "per-sample gradients by torch.func (vmap of the module's forward over the "
-                "batch), about one more forward and backward of each such module per step. "
-                "adaptive.stats.register_rule() adds a cheaper rule",
-                stacklevel=3,
-            )
+        self._replay_warned: set[str] = set()
 
     def _hook_leaves(self) -> None:
         seen: set[int] = set()
@@ -214,9 +203,10 @@ class UseTracking:
             return None
         before, call = mb.replay_stack.pop()
         if call is not None:
+            done = self._op_level(site, call, before, output)  # reads what WATCH still follows
             WATCH.pop(call)
             mb.op_calls.remove(call)
-            if self._op_level(site, call, before, output):
+            if done:
                 return None
         self._refuse_recompute(site.name)
         params = {loc: p for loc, (_, p) in site.params.items()}
@@ -250,7 +240,21 @@ class UseTracking:
             return True
         call.cancelled = True
         self._op_refused[site.name] = why
+        self._warn_replay(site, why)
         return False
+
+    def _warn_replay(self, site: _Site, why: str) -> None:
+        if site.name in self._replay_warned:
+            return
+        self._replay_warned.add(site.name)
+        warnings.warn(
+            f"GradientStatistics: no per-sample rule for '{site.name}' "
+            f"({type(site.module).__name__}), and the operations on its parameters cannot be "
+            f"followed ({why}): they get exact per-sample gradients by torch.func (vmap of the "
+            "module's forward over the batch), about one more forward and backward of the "
+            "module per step. adaptive.stats.register_rule() adds a cheaper rule",
+            stacklevel=2,
+        )
 
     def _on_op_grad(self, call: OpCall, full: str, g: Tensor) -> None:
         mb = self._current

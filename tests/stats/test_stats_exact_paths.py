@@ -6,6 +6,7 @@ against torch.func per-sample gradients of the whole model, 1e-4 relative)."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -185,9 +186,19 @@ def test_module_without_rule_called_with_keywords_is_replayed_exactly():
     check(Wrapper(), torch.randn(6, 4, 6), torch.randint(0, 3, (6,)))
 
 
-def test_replay_warns_once_naming_the_modules_and_the_cost():
-    with pytest.warns(UserWarning, match=r"TokenModel ×1 \(body\).*one more forward and backward"):
-        GradientStatistics(Wrapper())
+def test_replay_warns_once_naming_the_module_the_reason_and_the_cost():
+    model = Wrapper()
+    stats = GradientStatistics(model)
+    x, y = torch.randn(6, 4, 6), torch.randint(0, 3, (6,))
+    with pytest.warns(
+        UserWarning, match=r"'body' \(TokenModel\).*did not run.*one more forward and backward"
+    ):
+        with stats.capture():
+            F.cross_entropy(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second capture replays without a warning
+        with stats.capture():
+            F.cross_entropy(model(x), y).backward()
 
 
 def test_dropout_inside_a_replayed_module_is_refused():
@@ -207,21 +218,77 @@ def test_dropout_inside_a_replayed_module_is_refused():
             model(torch.randn(3, 4)).sum().backward()
 
 
+class Outside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.inside = True  # b runs; else its weight is used directly (and b does not run)
+        self.also = False  # b runs and its weight is used again outside it
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        if self.inside:
+            out = self.b(h)
+            return out + F.linear(h, self.b.weight) if self.also else out
+        return F.linear(h, self.b.weight)
+
+
 def test_parameter_used_outside_every_module_is_refused_by_name():
-    class Outside(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(3, 3)
-            self.b = nn.Linear(3, 3)
-
-        def forward(self, x: Tensor) -> Tensor:  # b never runs: its weight is used directly
-            return F.linear(self.a(x), self.b.weight)
-
     model = Outside()
     stats = GradientStatistics(model)
+    model.inside = False  # at the first capture: the check of the uses names the operation
+    with pytest.raises(UnsupportedModuleError, match=r"'b\.weight' is used by linear outside"):
+        with stats.capture():
+            model(torch.randn(2, 3)).sum().backward()
+    stats = GradientStatistics(model)
+    model.inside = True
+    with stats.capture():
+        model(torch.randn(2, 3)).sum().backward()
+    stats.result()
+    model.inside = False  # later: the gradient hook finds no use by a module
     with pytest.raises(UnsupportedModuleError, match=r"'b\.weight' received a gradient"):
         with stats.capture():
             model(torch.randn(2, 3)).sum().backward()
+
+
+def test_parameter_used_inside_and_outside_its_module_is_refused_at_the_first_capture():
+    """Silently wrong before: b's rule saw only its own call, autograd summed both uses."""
+    model = Outside()
+    model.also = True
+    stats = GradientStatistics(model)
+    with pytest.raises(UnsupportedModuleError, match=r"'b\.weight' is used by linear outside"):
+        with stats.capture():
+            model(torch.randn(2, 3)).sum().backward()
+    assert not torch.overrides._is_torch_function_mode_enabled()
+    model.also = False  # the same sensor, once the model uses it only inside: exact
+    x = torch.randn(4, 3)
+    with stats.capture():
+        model(x).square().sum(1).mean().backward()
+    got = stats.result().per_sample_sq_norms
+    want = per_sample_gradients(model, lambda out, y: out.square().sum(), x, torch.zeros(4))
+    close(got, sum(g.flatten(1).square().sum(1) for g in want.values()), "per_sample_sq_norms")
+
+
+class InPlaceScale(nn.Module):
+    """A sequence Linear's output (a view) scaled in place, as timm's LayerScale(inplace=True)
+    does after attention: the layer's output hook must still see the output gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+        self.register_buffer("g", torch.linspace(0.5, 2.0, 6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x).mul_(self.g)
+        return self.head((x + h)[:, 0])
+
+
+@pytest.mark.parametrize("paths", [None, "materialise", "torch"])
+def test_a_layer_output_modified_in_place_is_exact_on_every_path(paths):
+    torch.manual_seed(0)  # silently wrong before on the torch path (the hook never fired)
+    check(InPlaceScale(), torch.randn(5, 7, 6), torch.randint(0, 3, (5,)), paths=paths)
 
 
 # ---------------------------------------------------------------- several uses, broadcast inputs

@@ -1,0 +1,304 @@
+"""The op-level path (adaptive/stats/ops.py): parameters a module uses through tensor operations
+get exact per-sample gradients without replaying the module. Every statistic is checked against
+torch.func per-sample gradients of the whole model (1e-4 relative), and the replay is checked not
+to run (or to run, where an operation cannot be followed)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adaptive.stats import (
+    GradientStatistics,
+    UnsupportedModuleError,
+    per_sample_gradients,
+    reference_statistics,
+)
+from adaptive.stats.last_resort import replay_seconds
+from adaptive.stats.ops import WATCH
+
+SCALARS = (
+    "sum_sq_norms",
+    "grad_sq_norm",
+    "variance",
+    "noise_scale",
+    "inner_product_variance",
+    "orthogonality_variance",
+)
+
+
+def close(got: Tensor, want: Tensor, what: str = "", rtol: float = 1e-4) -> None:
+    got, want = got.double().cpu(), want.double().cpu()
+    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    assert err <= rtol, f"{what}: relative error {err:.2e}"
+
+
+def check(model: nn.Module, x: Tensor, y: Tensor, replayed: bool = False, **kwargs) -> None:
+    """One capture with every statistic against torch.func; ``replayed``: whether the module
+    replay (last_resort) must have run."""
+    g = torch.Generator().manual_seed(3)
+    target = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+    groups = torch.arange(x.shape[0]) % 2
+    stats = GradientStatistics(model, per_coordinate=True, num_groups=2, **kwargs)
+    stats.set_target(target)
+    before = replay_seconds()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if replayed else "error")
+        with stats.capture(group_ids=groups):
+            F.cross_entropy(model(x), y).backward()
+    assert (replay_seconds() > before) == replayed
+    assert not WATCH.calls and not WATCH.tracked  # nothing is left watched after the capture
+    s = stats.result()
+    ref = reference_statistics(
+        per_sample_gradients(model, F.cross_entropy, x, y),
+        target=target,
+        group_ids=groups,
+        num_groups=2,
+    )
+    close(s.per_sample_sq_norms, ref["per_sample_sq_norms"], "per_sample_sq_norms")
+    for n in (*SCALARS, "group_sum_sq_norms", "group_grad_dots"):
+        close(getattr(s, n), ref[n], n)
+    assert set(s.coordinate_sq_sums) == set(ref["coordinate_sq_sums"])
+    for n in ref["coordinate_sq_sums"]:
+        close(s.coordinate_sq_sums[n], ref["coordinate_sq_sums"][n], n)
+        close(s.mean_grads[n], ref["mean_grads"][n], n)
+
+
+# ---------------------------------------------------------------- modules using parameters by ops
+class Tokens(nn.Module):
+    """ViT-style: cls_token expanded over the batch and concatenated, pos_embed sliced and added,
+    layer scale in place, a register token added through a derived (1 + p) tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 6) * 0.5)
+        self.pos_embed = nn.Parameter(torch.randn(1, 7, 6) * 0.5)
+        self.proj = nn.Linear(6, 6)
+        self.gamma = nn.Parameter(torch.full((6,), 0.7))
+        self.shift = nn.Parameter(torch.randn(6) * 0.1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.pos_embed[:, : x.shape[1]]
+        h = self.proj(torch.tanh(x))
+        x = x + h.mul_(self.gamma)  # timm LayerScale(inplace=True)
+        x = x * (1 + self.shift)  # a derived operand
+        return self.head(x[:, 0])
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: a LayerNorm over the channels of an NCHW map (changes forward)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class RMSNormLike(nn.Module):
+    """LlamaRMSNorm-style (weight * normalised x) and Gemma-style ((1 + weight) * normalised x)."""
+
+    def __init__(self, dim: int, offset: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim) * 0.3 + (0.0 if offset else 1.0))
+        self.offset = offset
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        w = 1.0 + self.weight if self.offset else self.weight
+        return w * xf.to(x.dtype)
+
+
+class FunctionalNorms(nn.Module):
+    """F.rms_norm and F.group_norm with a module's own weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rw = nn.Parameter(torch.randn(6) * 0.3 + 1)
+        self.gw = nn.Parameter(torch.randn(4) * 0.3 + 1)
+        self.gb = nn.Parameter(torch.randn(4) * 0.3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (b, 4, 6)
+        x = F.rms_norm(x, (6,), self.rw, 1e-6)
+        return F.group_norm(x, 2, self.gw, self.gb, 1e-5)
+
+
+class ConvBlock(nn.Module):
+    """ConvNeXt-style: depthwise conv, LayerNorm2d, pointwise convs, gamma reshaped to (1,C,1,1)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = LayerNorm2d(c)
+        self.pw1 = nn.Conv2d(c, 2 * c, 1)
+        self.pw2 = nn.Conv2d(2 * c, c, 1)
+        self.gamma = nn.Parameter(torch.randn(c) * 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.pw2(F.gelu(self.pw1(self.norm(self.conv_dw(x)))))
+        return x + h.mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+def test_tokens_cls_pos_embed_and_layer_scale_by_ops():
+    torch.manual_seed(0)
+    check(Tokens(), torch.randn(5, 6, 6), torch.randint(0, 3, (5,)))
+
+
+def test_norm_subclasses_by_ops():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 6), RMSNormLike(6, offset=False), RMSNormLike(6, offset=True), nn.Flatten(),
+        nn.Linear(6, 3),
+    )  # fmt: skip
+    check(model, torch.randn(5, 6), torch.randint(0, 3, (5,)))
+
+
+def test_functional_rms_and_group_norm_by_ops():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), FunctionalNorms(), nn.Flatten(), nn.Linear(24, 3))
+    check(model, torch.randn(5, 4, 6), torch.randint(0, 3, (5,)))
+
+
+def test_convnext_style_block_by_ops():
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvBlock(), ConvBlock(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    check(model, torch.randn(6, 4, 5, 5), torch.randint(0, 3, (6,)))
+
+
+class Twice(nn.Module):
+    """One parameter in two operations of one call, and the module called twice: the per-sample
+    gradient is the sum of the four uses (cross terms included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.randn(6) * 0.5 + 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x * self.g) + self.g
+
+
+def test_parameter_in_several_operations_and_calls_sums_its_uses():
+    torch.manual_seed(0)
+    twice = Twice()
+    model = nn.Sequential(nn.Linear(6, 6), twice, twice, nn.Linear(6, 3))
+    check(model, torch.randn(5, 6), torch.randint(0, 3, (5,)))
+
+
+class MatmulScale(nn.Module):
+    """A matmul on its own parameter: no op-level path, so the module is replayed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6) * 0.5 + 1)
+        self.b = nn.Parameter(torch.randn(6) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ torch.diag(self.w) + self.b
+
+
+def test_an_operation_it_cannot_follow_falls_back_to_the_exact_replay():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), MatmulScale(), nn.Linear(6, 3))
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    with pytest.warns(UserWarning, match=r"'1' \(MatmulScale\).*matmul.*one more forward"):
+        stats = GradientStatistics(model)
+        with stats.capture():
+            F.cross_entropy(model(x), y).backward()
+    assert "matmul" in stats._op_refused["1"]
+    check(model, x, y, replayed=True)
+
+
+def test_dropout_after_an_op_level_use_is_exact():
+    """Dropout scales each sample's own positions: the per-sample gradient of ``w`` in
+    ``dropout(x * w)`` summed to a scalar loss is ``Σ_positions mask/(1-p) · x`` per sample."""
+
+    class Drop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return F.dropout(x * self.w, 0.5, self.training)
+
+    model = nn.Sequential(Drop())
+    x = torch.randn(3, 5, 4)
+    stats = GradientStatistics(model, loss_reduction="sum")
+    torch.manual_seed(11)
+    with stats.capture():
+        model(x).sum().backward()
+    s = stats.result()
+    torch.manual_seed(11)
+    mask = F.dropout(torch.ones(3, 5, 4), 0.5, True)  # the same draw: same shape, same seed
+    want = (mask * x).sum(1).square().sum(1)
+    close(s.per_sample_sq_norms, want, "per_sample_sq_norms")
+
+
+class PositionTable(nn.Module):
+    """Returns a slice of its parameter: no samples in its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pe = nn.Parameter(torch.randn(1, 8, 6))
+
+    def forward(self, t: int) -> Tensor:
+        return self.pe[:, :t]
+
+
+class UsesTable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = PositionTable()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head((x + self.table(x.shape[1])).mean(1))
+
+
+def test_a_parameter_derived_output_is_refused_not_guessed():
+    model = UsesTable()
+    stats = GradientStatistics(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises((UnsupportedModuleError, ValueError), match=r"'table'.* 1 sample"):
+            with stats.capture():
+                F.cross_entropy(model(torch.randn(4, 5, 6)), torch.randint(0, 3, (4,))).backward()
+    assert not WATCH.calls
+
+
+def test_two_sensors_share_the_watch_and_equal_a_lone_one():
+    torch.manual_seed(0)
+    model = Tokens()
+    x, y = torch.randn(5, 6, 6), torch.randint(0, 3, (5,))
+    lone = GradientStatistics(model)
+    with lone.capture():
+        F.cross_entropy(model(x), y).backward()
+    want = lone.result().per_sample_sq_norms
+    a, b = GradientStatistics(model), GradientStatistics(model, inner_products=False)
+    with a.capture(), b.capture():
+        F.cross_entropy(model(x), y).backward()
+    close(a.result().per_sample_sq_norms, want, "first sensor")
+    close(b.result().per_sample_sq_norms, want, "second sensor")
+
+
+def test_a_forward_that_raises_leaves_nothing_watched():
+    class Boom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(6))
+
+        def forward(self, x: Tensor) -> Tensor:
+            x = x * self.g
+            raise ValueError("boom")
+
+    model = nn.Sequential(nn.Linear(6, 6), Boom())
+    stats = GradientStatistics(model)
+    with pytest.raises(ValueError, match="boom"), stats.capture():
+        model(torch.randn(3, 6))
+    assert not WATCH.calls and not WATCH.tracked
+    assert not torch.overrides._is_torch_function_mode_enabled()
