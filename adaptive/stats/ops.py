@@ -141,6 +141,11 @@ class OpWatch(TorchFunctionMode):
             else:
                 self.tracked[id(p)] = _Entry(p, {id(p): p}, (call,))
 
+    def track(self, tensor: Tensor, call: OpCall) -> None:
+        """Follow ``tensor``, a function of ``call``'s parameters and constants alone (a layer's
+        output for an input without samples), as a derived tensor."""
+        self.tracked[id(tensor)] = _Entry(tensor, {id(p): p for p in call.params.values()}, (call,))
+
     def pop(self, call: OpCall) -> None:
         """The module returned: stop following its tensors."""
         if call not in self.calls:
@@ -179,6 +184,8 @@ class OpWatch(TorchFunctionMode):
             b = next(iter(calls.values())).b
             if b < 2:
                 raise _Unsupported("a batch of one sample")
+            if func is F.scaled_dot_product_attention:
+                return self._attention(func, args, kwargs, hits, b)
             norm = _NORMS.get(func)
             if norm is not None:
                 return self._norm(norm, func, args, kwargs, hits, b)
@@ -298,6 +305,31 @@ class OpWatch(TorchFunctionMode):
                 new.append(x)
         a, k = tree_unflatten(new, spec)
         return func(*a, **k)
+
+    def _attention(self, func, args, kwargs, hits, b: int) -> Tensor:
+        """``scaled_dot_product_attention`` with a parameter-derived ``attn_mask`` (T5's relative
+        position bias): the mask is added to every sample's scores, a broadcast use like a
+        pointwise add; its expansion to ``(b, heads, L, S)`` gives the per-sample gradients."""
+        names = ("query", "key", "value", "attn_mask")
+        bound = dict(zip(names, args, strict=False))
+        bound.update({k: v for k, v in kwargs.items() if k in names})
+        mask = bound.get("attn_mask")
+        if mask is None or id(mask) not in hits or len(hits) != 1:
+            raise _Unsupported("scaled_dot_product_attention on a parameter-derived tensor")
+        q, k = bound["query"], bound["key"]
+        if q.dim() < 3 or q.shape[0] != b:
+            raise _Unsupported(f"attention query of shape {tuple(q.shape)} (batch {b})")
+        shape = torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2]))
+        aligned = (1,) * (len(shape) - mask.dim()) + tuple(mask.shape)
+        if aligned[0] != 1 or shape[0] != b:
+            raise _Unsupported(f"attention mask of shape {tuple(mask.shape)} meets {b} samples")
+        mb = mask.expand(shape)
+        self._watch(hits[id(mask)], mb, b)
+        if len(args) > 3:
+            args = (*args[:3], mb, *args[4:])
+        else:
+            kwargs = {**kwargs, "attn_mask": mb}
+        return func(*args, **kwargs)
 
     # ------------------------------------------------------------------ normalisations
     def _norm(self, kind: str, func, args, kwargs, hits, b: int) -> Tensor:

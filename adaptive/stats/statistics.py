@@ -33,12 +33,13 @@ from torch.utils._pytree import tree_leaves
 
 from adaptive.stats.audit import UseAudit
 from adaptive.stats.broadcast import BatchBroadcast, broadcast_output
+from adaptive.stats.flatten import sample_major
 from adaptive.stats.last_resort import Tap, replaying
 from adaptive.stats.layers import (
     LayerRule,
     UnsupportedModuleError,
 )
-from adaptive.stats.ops import WATCH
+from adaptive.stats.ops import WATCH, OpCall
 from adaptive.stats.planner import PathPlanner, PlanEntry
 from adaptive.stats.registry import find_rule
 from adaptive.stats.uses import TOGGLED, UseTracking
@@ -132,6 +133,10 @@ class _MicroBatch:
         # watch of the operations on their parameters (ops.py), if any
         self.replay_stack: list[tuple[dict[str, int], Any]] = []
         self.op_calls: list[Any] = []  # watched calls not yet returned
+        # calls whose outputs are followed until the outermost forward returns (ops.py)
+        self.lingering: list[Any] = []
+        self.op_params: set[str] = set()  # ruled layers' parameters followed by ops.py
+        self.op_totals: dict[str, Tensor] = {}  # first capture: Σ_i g_i delivered by ops.py
         # fused layers: name -> (planner key to record a measurement under, or None; the paths
         # to run: the candidates to time, or the one chosen)
         self.plans: dict[str, tuple[tuple | None, tuple[str, ...]]] = {}
@@ -189,9 +194,17 @@ def _grad_hook(output: Tensor, handler: Any) -> Tensor | None:
     """Call ``handler(δ)`` with the gradient of a layer's ``output`` in backward; returns what the
     forward hook should return. A tensor hook does it, except on a view (Linear on a sequence
     returns one): a view modified in place afterwards (``h.mul_(gamma)``) gets a new grad_fn
-    and its hooks never fire, so a view is replaced by an alias from :class:`Tap` instead."""
+    and its hooks never fire: a reshaped view is hooked on its base, another view replaced by
+    an alias from :class:`Tap`."""
     if not output._is_view():
         output.register_hook(handler)
+        return None
+    base = output._base
+    if base.numel() == output.numel() and base.is_contiguous() and output.is_contiguous():
+        # a reshape of its base (F.linear's (b, t, out) view of the (b·t, out) product): the
+        # base's hook sees the same gradient, in place or not
+        shape = output.shape
+        base.register_hook(lambda g: handler(g.reshape(shape)))
         return None
 
     def on_grads(grads: tuple[Tensor | None, ...]) -> None:
@@ -699,6 +712,10 @@ class GradientStatistics(UseTracking):
                 self._start(mb, leaf.shape[0], "<root>")
                 for h in self._size_handles:
                     h.remove()
+                # the outermost call's end closes what ops.py still follows
+                self._handles.append(
+                    module.register_forward_hook(self._on_outer_forward, always_call=True)
+                )
                 return
 
     def _on_forward(self, site: _Site, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -712,15 +729,32 @@ class GradientStatistics(UseTracking):
         # summed over the uses (uses.py)
         mb.seen.add(site.name)
         mb.calls[site.name] = mb.calls.get(site.name, 0) + 1
-        self._use(mb, (f for f, _ in site.params.values()))
         a = args[0].detach() if args else None
         if a is None:
             raise RuntimeError(f"module '{site.name}' was called without a positional input")
+        if self._no_samples(mb, args[0]):  # a function of its parameters: follow the output
+            self._linger(site, output)
+            return None
+        self._use(mb, (f for f, _ in site.params.values()))
         if site.name in mb.deferred:  # another sensor fused it and has switched it back on
             mb.deferred.discard(site.name)
             if site.name not in mb.params_hooked:
                 mb.params_hooked.add(site.name)
                 self._hook_params(site)
+        handler = partial(self._on_output_grad, site, a)
+        k = None if mb.size is None or a.shape[0] == mb.size else sample_major(args[0], mb.size)
+        if k is not None:  # (b·k, …) rows, proven sample-major: the rule sees (b, k, …)
+            b = mb.size
+            a = a.reshape(b, k, *a.shape[1:])
+            handler = partial(self._on_flat_output_grad, site, a)
+        elif mb.size is not None and a.dim() > 0 and a.shape[0] not in (mb.size, 1):
+            raise UnsupportedModuleError(
+                f"module '{site.name}' ({type(module).__name__}) sees {a.shape[0]} rows on axis "
+                f"0 while the batch has {mb.size} samples, and the autograd graph does not show "
+                "them to be the samples flattened sample-major with another axis (flatten.py): "
+                "the sensor reads axis 0 as the sample axis. Keep the samples first "
+                "(x.reshape(b, -1, d)), or pass fallback='groups'"
+            )
         if isinstance(output, BatchBroadcast):  # another sensor expanded it already
             a = a.expand(output._expanded.shape[0], *a.shape[1:])
             output._expanded.register_hook(partial(self._on_output_grad, site, a))
@@ -739,7 +773,40 @@ class GradientStatistics(UseTracking):
             plan = mb.plans.pop(site.name)
             handler = partial(self._fused_or_shared, site, a, [local for local, _ in toggled], plan)
             return _FusedWeightGrads.apply(output, handler, *[p for _, p in toggled])
-        return _grad_hook(output, partial(self._on_output_grad, site, a))
+        return _grad_hook(output, handler)
+
+    def _on_flat_output_grad(self, site: _Site, a: Tensor, grad: Tensor) -> None:
+        self._on_output_grad(site, a, grad.reshape(*a.shape[:2], *grad.shape[1:]))
+
+    @staticmethod
+    def _no_samples(mb: _MicroBatch, x: Tensor) -> bool:
+        """Whether a layer input is a constant without the sample axis (T5's (q, k) relative
+        position ids): the layer's output is then a function of its parameters alone."""
+        return (
+            mb.size is not None
+            and mb.size > 1
+            and x.dim() > 0
+            and x.shape[0] not in (mb.size, 1)
+            and not x.requires_grad
+        )
+
+    def _linger(self, site: _Site, output: Tensor) -> None:
+        """Follow a ruled layer's output through the operations that bring it to the samples
+        (ops.py), until the outermost forward returns."""
+        mb = self._current
+        params = {full: p for full, p in site.params.values()}
+        call = OpCall(site.name, mb.size, params, self._on_op_grad)
+        WATCH.push(call)
+        WATCH.track(output, call)
+        mb.op_calls.append(call)
+        mb.lingering.append(call)
+        mb.op_params.update(params)
+
+    @staticmethod
+    def _flattened(mb: _MicroBatch, a: Tensor) -> bool:
+        """Whether a layer input holds more rows than samples (flattened: see flatten.py); such a
+        layer takes autograd's path, whose output hook reshapes."""
+        return mb.size is not None and a.dim() > 0 and a.shape[0] != mb.size
 
     @staticmethod
     def _broadcast(mb: _MicroBatch, a: Tensor) -> bool:
@@ -757,7 +824,11 @@ class GradientStatistics(UseTracking):
         if any(id(p) in TOGGLED for _, p in site.params.values()):
             mb.deferred.add(site.name)  # another sensor fuses this call: hook it after
             return
-        if args and isinstance(args[0], Tensor) and self._broadcast(mb, args[0]):
+        if (
+            args
+            and isinstance(args[0], Tensor)
+            and (self._broadcast(mb, args[0]) or self._flattened(mb, args[0]))
+        ):
             if site.name not in mb.params_hooked:  # unfused: see _on_forward
                 mb.params_hooked.add(site.name)
                 self._hook_params(site)
@@ -989,7 +1060,7 @@ class GradientStatistics(UseTracking):
 
     def _on_param_grad(self, site: _Site, local: str, full: str, grad: Tensor) -> None:
         mb = self._current
-        if mb is None:
+        if mb is None or full in mb.op_params:  # followed by ops.py, accounted there
             return
         if mb.size is None:
             raise RuntimeError(

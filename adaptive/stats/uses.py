@@ -143,6 +143,17 @@ class UseTracking:
         buf = mb.shared.pop(full, None)
         if buf is not None:
             self._account(mb, full, buf)
+        total = mb.op_totals.pop(full, None)
+        if total is not None:
+            err = float((total - grad.float()).norm() / grad.float().norm().clamp_min(1e-30))
+            if err > 1e-3:
+                raise UnsupportedModuleError(
+                    f"parameter '{full}': the per-sample gradients followed through its "
+                    f"operations (ops.py) sum to a gradient {err:.1e} off autograd's: it has a "
+                    "use the sensor did not see (after the model's forward returned?). Use it "
+                    "inside the model's forward, register_rule() for its module, or pass "
+                    "fallback='groups'"
+                )
 
     # ------------------------------------------------------------------ rule layers
     def _shared_output_grad(self, site: _Site, a: Tensor, d: Tensor) -> frozenset[str]:
@@ -204,8 +215,9 @@ class UseTracking:
         before, call = mb.replay_stack.pop()
         if call is not None:
             done = self._op_level(site, call, before, output)  # reads what WATCH still follows
-            WATCH.pop(call)
-            mb.op_calls.remove(call)
+            if call not in mb.lingering:
+                WATCH.pop(call)
+                mb.op_calls.remove(call)
             if done:
                 return None
         self._refuse_recompute(site.name)
@@ -231,11 +243,14 @@ class UseTracking:
             mb.calls.get(s.name, 0) == before[s.name] for _, s in self._replays[site.name]
         ):
             why = "a layer inside it did not run (its parameters may be used by the module's code)"
-        if why is None and any(WATCH.holds(x) for x in tree_leaves(output)):
-            why = "it returns a tensor computed from its parameters alone"
         if why is None:
             self._refuse_recompute(site.name)
             mb.calls[site.name] = mb.calls.get(site.name, 0) + 1
+            if any(WATCH.holds(x) for x in tree_leaves(output)):
+                # it returns a function of its parameters (a position table's slice): follow
+                # that until the outermost forward returns
+                mb.lingering.append(call)
+                return True
             self._use(mb, call.uses)
             return True
         call.cancelled = True
@@ -256,12 +271,43 @@ class UseTracking:
             stacklevel=2,
         )
 
+    def _on_outer_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """The outermost forward returned: close the calls whose outputs ops.py followed."""
+        mb = self._current
+        if mb is None or not mb.lingering:
+            return
+        calls, mb.lingering = mb.lingering, []
+        for call in calls:
+            if call in mb.op_calls:
+                mb.op_calls.remove(call)
+        held = any(WATCH.holds(x) for x in tree_leaves(output))
+        for call in calls:
+            WATCH.pop(call)
+        for call in calls:
+            why = call.failed or (
+                "the model returns a tensor computed from them alone" if held else None
+            )
+            if why is not None:
+                call.cancelled = True
+                raise UnsupportedModuleError(
+                    f"module '{call.name}' computes its output from its parameters alone (no "
+                    f"sample axis in its input), and the operations that bring it to the samples "
+                    f"cannot be followed ({why}): its per-sample gradients are not known. "
+                    "register_rule() for it, or pass fallback='groups'"
+                )
+            self._use(mb, call.uses)
+
     def _on_op_grad(self, call: OpCall, full: str, g: Tensor) -> None:
         mb = self._current
         if mb is None:
             return
         self._start(mb, g.shape[0], call.name)
-        self._contribute(mb, full, g.detach())
+        g = g.detach()
+        if not self._audited:  # the first capture checks Σ_i g_i against autograd's gradient
+            total = g.float().sum(0)
+            prev = mb.op_totals.get(full)
+            mb.op_totals[full] = total if prev is None else prev + total
+        self._contribute(mb, full, g)
 
     def _on_replay_grad(
         self,

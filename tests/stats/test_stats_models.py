@@ -362,12 +362,7 @@ def t5():
     return build
 
 
-REFUSED = {
-    # hidden states flattened to (b·t, d) before fc1/fc2: the sample axis is not provable there
-    "opt": pytest.mark.xfail(strict=True, raises=ValueError, reason="(b·t, d) inputs refused"),
-    # relative position bias looked up with (q, k) ids, no batch axis at all
-    "t5": pytest.mark.xfail(strict=True, raises=ValueError, reason="(q, k) bias ids refused"),
-}
+REFUSED = {}
 
 MODELS: dict[str, Callable] = {
     "llama_untied": lambda: llama(tie=False),

@@ -260,15 +260,73 @@ class UsesTable(nn.Module):
         return self.head((x + self.table(x.shape[1])).mean(1))
 
 
-def test_a_parameter_derived_output_is_refused_not_guessed():
-    model = UsesTable()
+def test_a_parameter_derived_output_is_followed_after_its_module_returns():
+    torch.manual_seed(0)
+    check(UsesTable(), torch.randn(5, 7, 6), torch.randint(0, 3, (5,)))
+
+
+class ReturnsTable(UsesTable):
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pe = self.table(x.shape[1])
+        return self.head((x + pe).mean(1)), pe
+
+
+def test_a_parameter_derived_model_output_is_refused():
+    model = ReturnsTable()
     stats = GradientStatistics(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises((UnsupportedModuleError, ValueError), match=r"'table'.* 1 sample"):
-            with stats.capture():
-                F.cross_entropy(model(torch.randn(4, 5, 6)), torch.randint(0, 3, (4,))).backward()
-    assert not WATCH.calls
+    with pytest.raises(UnsupportedModuleError, match=r"'table'.*returns a tensor computed"):
+        with stats.capture():
+            logits, pe = model(torch.randn(4, 5, 6))
+            (F.cross_entropy(logits, torch.randint(0, 3, (4,))) + pe.square().sum()).backward()
+    assert not WATCH.calls and not WATCH.tracked
+
+
+class SideChannel(UsesTable):
+    """Keeps the table's slice and the loss reads it after the forward returned."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.kept = self.table(x.shape[1])
+        return self.head((x + self.kept).mean(1))
+
+
+def test_a_use_after_the_forward_is_caught_by_the_first_capture():
+    model = SideChannel()
+    stats = GradientStatistics(model)
+    with pytest.raises(UnsupportedModuleError, match=r"'table\.pe'.*off autograd's"):
+        with stats.capture():
+            out = model(torch.randn(4, 5, 6))
+            (F.cross_entropy(out, torch.randint(0, 3, (4,))) + model.kept.square().sum()).backward()
+
+
+class RelativeBias(nn.Module):
+    """T5-style: an Embedding looked up with (q, k) bucket ids (no sample axis), permuted to a
+    (1, heads, q, k) bias and passed as the attention mask of every sample (and added to a
+    batched padding mask in the decoder variant)."""
+
+    def __init__(self, padded: bool) -> None:
+        super().__init__()
+        self.bias = nn.Embedding(9, 2)
+        self.qkv = nn.Linear(6, 18)
+        self.head = nn.Linear(6, 3)
+        self.padded = padded
+
+    def forward(self, x: Tensor) -> Tensor:  # (b, t, 6)
+        b, t, _ = x.shape
+        pos = torch.arange(t)
+        buckets = (pos[None, :] - pos[:, None]).clamp(-4, 4) + 4  # (t, t)
+        bias = self.bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, 2, t, t)
+        if self.padded:
+            keep = (x[..., 0] > -0.5).float()[:, None, None, :]  # (b, 1, 1, t), per sample
+            bias = bias + (keep - 1) * 1e4
+        q, k, v = (z.reshape(b, t, 2, 3).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.head(att.transpose(1, 2).reshape(b, t, 6).mean(1))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_layer_without_samples_in_its_input_is_followed_to_the_attention(padded):
+    torch.manual_seed(0)
+    check(RelativeBias(padded), torch.randn(5, 7, 6), torch.randint(0, 3, (5,)))
 
 
 def test_two_sensors_share_the_watch_and_equal_a_lone_one():
