@@ -36,6 +36,7 @@ micro-batch's size holds the samples there.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -186,6 +187,10 @@ class OpWatch(TorchFunctionMode):
                 raise _Unsupported("a batch of one sample")
             if func is F.scaled_dot_product_attention:
                 return self._attention(func, args, kwargs, hits, b)
+            if func is F.linear or func is torch.addmm:
+                return self._product(func, args, kwargs, hits, b)
+            if func is F.embedding:
+                return self._lookup(func, args, kwargs, hits, b)
             norm = _NORMS.get(func)
             if norm is not None:
                 return self._norm(norm, func, args, kwargs, hits, b)
@@ -331,6 +336,101 @@ class OpWatch(TorchFunctionMode):
             kwargs = {**kwargs, "attn_mask": mb}
         return func(*args, **kwargs)
 
+    def _product(self, func, args, kwargs, hits, b: int) -> Tensor:
+        """``F.linear(x, w, β)`` or ``torch.addmm(β, x, w)`` (transformers ``Conv1D``) with the
+        module's own weight: ``g_w,i = Σ_t δ_it x_itᵀ`` over sample ``i``'s rows, materialised.
+        The rows of ``x`` are the samples (axis 0 of size ``b``) or provably the samples
+        flattened with another axis (flatten.py)."""
+        from adaptive.stats.flatten import sample_major
+
+        if func is torch.addmm:
+            names = ("input", "mat1", "mat2")
+            bound = dict(zip(names, args, strict=False))
+            bound.update(kwargs)
+            if bound.get("beta", 1) != 1 or bound.get("alpha", 1) != 1:
+                raise _Unsupported("addmm with beta or alpha")
+            x, w, beta, transposed = bound["mat1"], bound["mat2"], bound["input"], False
+        else:
+            names = ("input", "weight", "bias")
+            bound = dict(zip(names, args, strict=False))
+            bound.update(kwargs)
+            x, w, beta, transposed = bound["input"], bound["weight"], bound.get("bias"), True
+        if id(x) in hits:
+            raise _Unsupported("a product whose input is a parameter")
+        if x.dim() < 2 or w.dim() != 2:
+            raise _Unsupported(f"a product of shapes {tuple(x.shape)} and {tuple(w.shape)}")
+        k = 1 if x.shape[0] == b and x.dim() == 2 else None
+        if x.dim() > 2 and x.shape[0] == b:
+            k = math.prod(x.shape[1:-1])
+        elif k is None:
+            k = sample_major(x, b)
+        if k is None:
+            raise _Unsupported(f"a product with {x.shape[0]} rows that are not {b} samples")
+        given = {"weight": w, "bias": beta}
+        if any(v is not None and id(v) not in hits and v.requires_grad for v in given.values()):
+            raise _Unsupported("a product with a weight of another module")
+        watched = {
+            key: (v, hits[id(v)].roots, hits[id(v)].calls)
+            for key, v in given.items()
+            if v is not None and id(v) in hits
+        }
+        out = func(*args, **kwargs)
+        for v, _, _ in watched.values():
+            self._count(hits[id(v)])
+        xs = x.detach().reshape(b, k, x.shape[-1])
+
+        def back(d: Tensor) -> None:
+            live = {key: wv for key, wv in watched.items() if not all(c.cancelled for c in wv[2])}
+            if not live:
+                return
+            start = time.perf_counter()
+            d = d.detach().reshape(b, k, d.shape[-1])
+            for key, (v, roots, calls) in live.items():
+                if key == "bias":
+                    per = d.sum(1).reshape(b, *v.shape)
+                elif transposed:  # F.linear: w is (out, in)
+                    per = torch.einsum("bko,bki->boi", d, xs)
+                else:  # addmm: w is (in, out)
+                    per = torch.einsum("bki,bko->bio", xs, d)
+                _to_roots(calls, roots, v, per.to(v.dtype))
+            _SECONDS[0] += time.perf_counter() - start
+
+        return _on_grad(out, back)
+
+    def _lookup(self, func, args, kwargs, hits, b: int) -> Tensor:
+        """``F.embedding(ids, weight)`` with the module's own table and ids with the samples on
+        axis 0 (OPT's learned positions, an Embedding subclass that offsets its ids): sample
+        ``i``'s gradient scatters its rows' output gradients into the table's rows."""
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq")
+        bound = dict(zip(names, args, strict=False))
+        bound.update(kwargs)
+        ids, w = bound["input"], bound["weight"]
+        if bound.get("max_norm") is not None or bound.get("scale_grad_by_freq"):
+            raise _Unsupported("embedding with max_norm or scale_grad_by_freq")
+        if id(ids) in hits or id(w) not in hits or ids.dim() < 1 or ids.shape[0] != b:
+            raise _Unsupported(f"embedding with ids of shape {tuple(ids.shape)} (batch {b})")
+        entry = hits[id(w)]
+        watched = (w, entry.roots, entry.calls)
+        out = func(*args, **kwargs)
+        self._count(entry)
+        rows = ids.detach().reshape(b, -1)
+        pad = bound.get("padding_idx")
+
+        def back(d: Tensor) -> None:
+            v, roots, calls = watched
+            if all(c.cancelled for c in calls):
+                return
+            start = time.perf_counter()
+            d = d.detach().reshape(b, rows.shape[1], v.shape[1])
+            per = d.new_zeros(b, *v.shape)
+            per.scatter_add_(1, rows.unsqueeze(-1).expand(-1, -1, v.shape[1]), d)
+            if pad is not None:
+                per[:, pad] = 0  # the padding row gets no gradient
+            _to_roots(calls, roots, v, per.to(v.dtype))
+            _SECONDS[0] += time.perf_counter() - start
+
+        return _on_grad(out, back)
+
     # ------------------------------------------------------------------ normalisations
     def _norm(self, kind: str, func, args, kwargs, hits, b: int) -> Tensor:
         names = {
@@ -387,11 +487,16 @@ class OpWatch(TorchFunctionMode):
                 _to_roots(calls, roots, v, per.to(v.dtype))
             _SECONDS[0] += time.perf_counter() - start
 
-        if not out._is_view():
-            out.register_hook(back)
-            return out
-        # a view modified in place later would lose its hooks: hand out an alias (statistics.py)
-        return Tap.apply(lambda grads: grads[0] is not None and back(grads[0]), out)[0]
+        return _on_grad(out, back)
+
+
+def _on_grad(out: Tensor, back: Callable[[Tensor], None]) -> Tensor:
+    """``out``, whose gradient goes to ``back`` in backward. A view modified in place later
+    would lose its hooks (see statistics._grad_hook): a view is handed out as an alias."""
+    if not out._is_view():
+        out.register_hook(back)
+        return out
+    return Tap.apply(lambda grads: grads[0] is not None and back(grads[0]), out)[0]
 
 
 def _to_roots(calls: tuple[OpCall, ...], roots: dict[int, Tensor], t: Tensor, per: Tensor) -> None:

@@ -144,12 +144,14 @@ class UseTracking:
         if buf is not None:
             self._account(mb, full, buf)
         total = mb.op_totals.pop(full, None)
+        if buf is not None and not self._audited:
+            total = buf.sum(0)
         if total is not None:
             err = float((total - grad.float()).norm() / grad.float().norm().clamp_min(1e-30))
             if err > 1e-3:
                 raise UnsupportedModuleError(
-                    f"parameter '{full}': the per-sample gradients followed through its "
-                    f"operations (ops.py) sum to a gradient {err:.1e} off autograd's: it has a "
+                    f"parameter '{full}': its per-sample gradients (summed over the uses the "
+                    f"sensor saw) add up to a gradient {err:.1e} off autograd's: it has a "
                     "use the sensor did not see (after the model's forward returned?). Use it "
                     "inside the model's forward, register_rule() for its module, or pass "
                     "fallback='groups'"
@@ -303,7 +305,9 @@ class UseTracking:
             return
         self._start(mb, g.shape[0], call.name)
         g = g.detach()
-        if not self._audited:  # the first capture checks Σ_i g_i against autograd's gradient
+        if not self._audited and not self._multi(mb, full):
+            # the first capture checks Σ_i g_i against autograd's gradient (a parameter used
+            # several times is checked on the sum of its uses, in _on_leaf_grad)
             total = g.float().sum(0)
             prev = mb.op_totals.get(full)
             mb.op_totals[full] = total if prev is None else prev + total
