@@ -71,6 +71,7 @@ _POINTWISE = frozenset(
     }
 )  # fmt: skip
 _EXPAND = frozenset({"expand", "expand_as"})
+_MATMUL = frozenset({"matmul", "__matmul__"})  # x @ w with a 2-D parameter-derived w
 _NORMS = {F.layer_norm: "layer", F.rms_norm: "rms", F.group_norm: "group"}
 # calls that read a tensor without using it in the computation (no gradient flows)
 _INERT = frozenset({"requires_grad_", "register_hook", "detach", "detach_", "size", "dim"})
@@ -187,7 +188,7 @@ class OpWatch(TorchFunctionMode):
                 raise _Unsupported("a batch of one sample")
             if func is F.scaled_dot_product_attention:
                 return self._attention(func, args, kwargs, hits, b)
-            if func is F.linear or func is torch.addmm:
+            if func is F.linear or func is torch.addmm or name in _MATMUL:
                 return self._product(func, args, kwargs, hits, b)
             if func is F.embedding:
                 return self._lookup(func, args, kwargs, hits, b)
@@ -343,7 +344,11 @@ class OpWatch(TorchFunctionMode):
         flattened with another axis (flatten.py)."""
         from adaptive.stats.flatten import sample_major
 
-        if func is torch.addmm:
+        if getattr(func, "__name__", "") in _MATMUL:  # x @ w: Falcon's Linear (x @ weight.T)
+            if len(args) != 2 or kwargs:
+                raise _Unsupported("matmul with other arguments")
+            x, w, beta, transposed = args[0], args[1], None, False
+        elif func is torch.addmm:
             names = ("input", "mat1", "mat2")
             bound = dict(zip(names, args, strict=False))
             bound.update(kwargs)
@@ -407,8 +412,10 @@ class OpWatch(TorchFunctionMode):
         ids, w = bound["input"], bound["weight"]
         if bound.get("max_norm") is not None or bound.get("scale_grad_by_freq"):
             raise _Unsupported("embedding with max_norm or scale_grad_by_freq")
-        if id(ids) in hits or id(w) not in hits or ids.dim() < 1 or ids.shape[0] != b:
-            raise _Unsupported(f"embedding with ids of shape {tuple(ids.shape)} (batch {b})")
+        if id(ids) in hits or id(w) not in hits or ids.dim() < 1:
+            raise _Unsupported(f"embedding with ids of shape {tuple(ids.shape)}")
+        if ids.shape[0] != b:  # no samples in the ids (BART's (1, T) positions): a function of
+            return self._derive_or_fail(func, args, kwargs, hits, b, "embedding")  # the table
         entry = hits[id(w)]
         watched = (w, entry.roots, entry.calls)
         out = func(*args, **kwargs)

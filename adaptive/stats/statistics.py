@@ -137,6 +137,7 @@ class _MicroBatch:
         self.lingering: list[Any] = []
         self.op_params: set[str] = set()  # ruled layers' parameters followed by ops.py
         self.op_totals: dict[str, Tensor] = {}  # first capture: Σ_i g_i delivered by ops.py
+        self.sum_checks: list[tuple[str, Tensor, Tensor]] = []  # (name, ‖Σ_i g_i − g‖, ‖g‖)
         # fused layers: name -> (planner key to record a measurement under, or None; the paths
         # to run: the candidates to time, or the one chosen)
         self.plans: dict[str, tuple[tuple | None, tuple[str, ...]]] = {}
@@ -648,6 +649,8 @@ class GradientStatistics(UseTracking):
             self._audit.close()
             self._audit = None
             self._audited = mb is not None and mb.size is not None
+            if mb is not None:
+                self._check_sums(mb)
         if mb is not None:  # a forward that raised leaves parameters switched off: restore
             for params in mb.toggled.values():
                 for _, p in params:

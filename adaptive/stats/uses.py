@@ -60,6 +60,7 @@ class UseTracking:
         plus those of descendant layers, adopted when such a layer does not run during its
         call), by name relative to it."""
         self._replays: dict[str, list[tuple[str, _Site]]] = {}
+        self._own: dict[str, dict[str, tuple[str, Tensor]]] = {}
         names = {s.module: s for s in self._sites}
         for site in self._sites:
             if site.rule is not None:
@@ -69,6 +70,13 @@ class UseTracking:
                 if rel and m in names:
                     below.append((rel, names[m]))
             self._replays[site.name] = below
+            # its own parameters, less those a layer with a rule inside it holds too (ALBERT's
+            # head bias is its decoder's bias): the layer's rule accounts for them, and the
+            # replay or the watch would count the layer's use a second time
+            ruled = {id(p) for _, s in below if s.rule is not None for _, p in s.params.values()}
+            self._own[site.name] = {
+                loc: fp for loc, fp in site.params.items() if id(fp[1]) not in ruled
+            }
         self._replay_warned: set[str] = set()
 
     def _hook_leaves(self) -> None:
@@ -146,16 +154,31 @@ class UseTracking:
         total = mb.op_totals.pop(full, None)
         if buf is not None and not self._audited:
             total = buf.sum(0)
-        if total is not None:
-            err = float((total - grad.float()).norm() / grad.float().norm().clamp_min(1e-30))
-            if err > 1e-3:
-                raise UnsupportedModuleError(
-                    f"parameter '{full}': its per-sample gradients (summed over the uses the "
-                    f"sensor saw) add up to a gradient {err:.1e} off autograd's: it has a "
-                    "use the sensor did not see (after the model's forward returned?). Use it "
-                    "inside the model's forward, register_rule() for its module, or pass "
-                    "fallback='groups'"
-                )
+        if total is not None:  # judged at detach, against the largest gradient of the model
+            g = grad.float()
+            mb.sum_checks.append((full, (total - g).norm(), g.norm()))
+
+    def _check_sums(self, mb: _MicroBatch) -> None:
+        """First capture: the per-sample gradients the sensor summed for a parameter (its uses
+        through ops.py, or every use of a parameter used several times) must add up to
+        autograd's gradient, up to rounding (relative to the parameter's gradient, and to the
+        model's largest, for gradients that vanish in exact arithmetic such as a key bias)."""
+        if not mb.sum_checks:
+            return
+        names = [c[0] for c in mb.sum_checks]
+        diff = torch.stack([c[1] for c in mb.sum_checks])
+        norm = torch.stack([c[2] for c in mb.sum_checks])
+        mb.sum_checks.clear()
+        bad = diff > 1e-3 * norm + 1e-5 * norm.max()
+        if bool(bad.any()):  # once, at the first capture
+            j = int(bad.nonzero()[0, 0])
+            err = float(diff[j] / norm[j].clamp_min(1e-30))
+            raise UnsupportedModuleError(
+                f"parameter '{names[j]}': its per-sample gradients (summed over the uses the "
+                f"sensor saw) add up to a gradient {err:.1e} off autograd's: it has a use the "
+                "sensor did not see (after the model's forward returned?). Use it inside the "
+                "model's forward, register_rule() for its module, or pass fallback='groups'"
+            )
 
     # ------------------------------------------------------------------ rule layers
     def _shared_output_grad(self, site: _Site, a: Tensor, d: Tensor) -> frozenset[str]:
@@ -200,9 +223,10 @@ class UseTracking:
             return
         below = self._replays[site.name]
         call = None
-        if site.name not in self._op_refused and mb.size is not None and mb.size > 1:
+        own = self._own[site.name]
+        if own and site.name not in self._op_refused and mb.size is not None and mb.size > 1:
             # watch the operations on its parameters (ops.py); the replay if that fails
-            params = {full: p for full, p in site.params.values()}
+            params = {full: p for full, p in own.values()}
             call = OpCall(site.name, mb.size, params, self._on_op_grad)
             WATCH.push(call)
             mb.op_calls.append(call)
@@ -223,14 +247,16 @@ class UseTracking:
             if done:
                 return None
         self._refuse_recompute(site.name)
-        params = {loc: p for loc, (_, p) in site.params.items()}
-        fulls = {loc: f for loc, (f, _) in site.params.items()}
+        params = {loc: p for loc, (_, p) in self._own[site.name].items()}
+        fulls = {loc: f for loc, (f, _) in self._own[site.name].items()}
         for rel, s in self._replays[site.name]:
             if mb.calls.get(s.name, 0) == before[s.name]:  # did not run: its parameters may
                 for loc, (f, p) in s.params.items():  # be used by this module's own code
                     params[f"{rel}.{loc}"] = p
                     fulls[f"{rel}.{loc}"] = f
         mb.calls[site.name] = mb.calls.get(site.name, 0) + 1
+        if not params:  # all it holds is accounted by the layers inside it
+            return None
         self._use(mb, fulls.values())
         handler = partial(self._on_replay_grad, site, fulls)
         return tap_outputs(site.name, module, params, args, kwargs, output, handler)
