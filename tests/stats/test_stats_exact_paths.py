@@ -208,8 +208,8 @@ def test_dropout_inside_a_replayed_module_is_refused():
             self.w = nn.Parameter(torch.ones(4))
 
         def forward(self, x: Tensor) -> Tensor:
-            # a matmul on its parameter: no op-level path (ops.py), so the module is replayed
-            return F.dropout(x @ torch.diag(self.w), 0.5, self.training)
+            # an einsum on its parameter: no op-level path (ops.py), so the module is replayed
+            return F.dropout(torch.einsum("bi,ij->bj", x, torch.diag(self.w)), 0.5, self.training)
 
     model = nn.Sequential(nn.Linear(4, 4), Drop())
     stats = GradientStatistics(model)
