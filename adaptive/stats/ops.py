@@ -206,13 +206,20 @@ class OpWatch(TorchFunctionMode):
             return func(*args, **kwargs)
 
     def _hits(self, args: tuple, kwargs: dict) -> dict[int, _Entry]:
-        found = {}
-        for x in (*args, *kwargs.values()):
-            for y in x if isinstance(x, (list, tuple)) else (x,):
+        # on every operation while a call is watched: kept to plain loops and dict lookups
+        found: dict[int, _Entry] = {}
+        tracked = self.tracked
+        for x in (args, kwargs.values()) if kwargs else (args,):
+            for y in x:
                 if isinstance(y, Tensor):
-                    e = self.tracked.get(id(y))
+                    e = tracked.get(id(y))
                     if e is not None and e.tensor is y:
                         found[id(y)] = e
+                elif isinstance(y, (list, tuple)):
+                    for z in y:
+                        e = tracked.get(id(z))
+                        if e is not None and e.tensor is z:
+                            found[id(z)] = e
         return found
 
     @staticmethod

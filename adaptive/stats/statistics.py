@@ -369,6 +369,7 @@ class GradientStatistics(UseTracking):
         self._attached: _MicroBatch | None = None
         self._mode = "per_sample"
         self._buffers: dict[int, Tensor] = {}
+        self._module_list = list(model.modules())  # walked at every attach: listed once
         self._sites = self._discover()
         self._planner = PathPlanner(paths)
         self._paths_memo: dict[tuple, tuple[str, ...]] = {}
@@ -563,13 +564,15 @@ class GradientStatistics(UseTracking):
         self._current = _MicroBatch(group_ids)
         # FSDP2: autograd sees the whole parameters FSDP puts on each module for its forward;
         # hook those (fusing would hand gradients to the shards instead, so it is off)
-        self._sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
+        self._sharded = any(
+            isinstance(p, DTensor) for m in self._module_list for p in m._parameters.values()
+        )
         # the micro-batch size is axis 0 of the first tensor input of the first module called
         # (the outermost: the model, or the part of it a LightningModule's training_step calls,
         # positionally or by keyword); these hooks go as soon as one has fired
         self._size_handles = [
             m.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
-            for m in self.model.modules()
+            for m in self._module_list
         ]
         self._handles.extend(self._size_handles)
         if self._mode == "per_sample" and not self._sharded:
