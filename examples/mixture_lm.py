@@ -298,7 +298,10 @@ def train_run(method: str, seed: int, splits, args, reference: dict[str, float] 
         if rule is not None and (step + 1) % every == 0:
             signals = meter.signals()
             if influence:
-                res = stats.result()
+                # each capture is its own step (its loss divided by nothing more than its mean),
+                # not a share of an accumulated batch: without this the group dots come out
+                # multiplied by the number of captures
+                res = stats.result(loss_divisor=1)
                 signals = MixtureSignals(
                     signals.losses,
                     signals.counts,
