@@ -10,10 +10,10 @@ path each layer shape takes is measured, not assumed (:mod:`adaptive.stats.plann
 """
 
 from adaptive.stats.fallback import TwoBatchNoiseScale, group_variance, two_batch_estimates
-from adaptive.stats.layers import SUPPORTED_MODULES, LayerRule, UnsupportedModuleError
 from adaptive.stats.planner import PATHS, PathPlanner, PlanEntry
 from adaptive.stats.reference import per_sample_gradients, reference_statistics
 from adaptive.stats.registry import find_rule, register_rule, unregister_rule
+from adaptive.stats.rules import SUPPORTED_MODULES, LayerRule, UnsupportedModuleError
 from adaptive.stats.statistics import FALLBACKS, GradientStatistics, StatisticsResult, side_pass
 
 __all__ = [

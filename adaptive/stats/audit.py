@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from adaptive.stats.layers import UnsupportedModuleError
+from adaptive.stats.rules import UnsupportedModuleError
 
 __all__ = ["UseAudit"]
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adaptive.stats.layers import UnsupportedModuleError
+from adaptive.stats.rules import UnsupportedModuleError
 
 __all__ = ["BatchBroadcast", "broadcast_output"]
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from adaptive.stats.layers import UnsupportedModuleError
+from adaptive.stats.rules import UnsupportedModuleError
 
 __all__ = [
     "ModuleCall",

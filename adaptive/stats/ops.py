@@ -506,7 +506,7 @@ class OpWatch(TorchFunctionMode):
 
 def _on_grad(out: Tensor, back: Callable[[Tensor], None]) -> Tensor:
     """``out``, whose gradient goes to ``back`` in backward. A view modified in place later
-    would lose its hooks (see statistics._grad_hook): a view is handed out as an alias."""
+    would lose its hooks (see hooks._grad_hook): a view is handed out as an alias."""
     if not out._is_view():
         out.register_hook(back)
         return out

@@ -46,13 +46,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from adaptive.stats.layers import (
-    _RULES,
-    EmbeddingRule,
-    LayerRule,
-    UnsupportedModuleError,
-    _AffineNormRule,
-)
+from adaptive.stats.rules import _RULES, EmbeddingRule, LayerRule, UnsupportedModuleError
+from adaptive.stats.rules.norms import _AffineNormRule
 
 __all__ = ["find_rule", "per_sample_params", "register_rule", "unregister_rule"]
 
@@ -92,8 +87,8 @@ def register_rule(
 
     Args:
         module_type: a ``torch.nn.Module`` subclass.
-        rule: a :class:`~adaptive.stats.layers.LayerRule` (see this module's docstring for an
-            example and :mod:`adaptive.stats.layers` for what each method returns).
+        rule: a :class:`~adaptive.stats.rules.LayerRule` (see this module's docstring for an
+            example and :mod:`adaptive.stats.rules.base` for what each method returns).
         methods: methods of ``module_type`` whose computation the rule assumes.
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):

@@ -11,7 +11,7 @@ samples in the (global, accumulated) batch, ``ḡ = (1/b) Σ_i g_i``. The quanti
   inner product summed over all layers for each sample before the variance is taken;
 - ``orthogonality_variance = Σ_j Var_i (g_i − (⟨g_i,ḡ⟩/‖ḡ‖²) ḡ)_j = (Σ_i ‖g_i‖² − Σ_i ⟨g_i,ḡ⟩²/‖ḡ‖²)/(b−1)``.
 
-Per-sample quantities come from per-layer hooks (see :mod:`adaptive.stats.layers`), never from
+Per-sample quantities come from per-layer hooks (see :mod:`adaptive.stats.rules`), never from
 per-sample gradients; all work stays on the device (no ``.item()`` while capturing).
 """
 
@@ -34,14 +34,12 @@ from torch.utils._pytree import tree_leaves
 from adaptive.stats.audit import UseAudit
 from adaptive.stats.broadcast import BatchBroadcast, broadcast_output
 from adaptive.stats.flatten import sample_major
-from adaptive.stats.last_resort import Tap, replaying
-from adaptive.stats.layers import (
-    LayerRule,
-    UnsupportedModuleError,
-)
+from adaptive.stats.hooks import _add, _batch_sum, _float32, _FusedWeightGrads, _grad_hook
+from adaptive.stats.last_resort import replaying
 from adaptive.stats.ops import WATCH, OpCall
 from adaptive.stats.planner import PathPlanner, PlanEntry
 from adaptive.stats.registry import find_rule
+from adaptive.stats.rules import LayerRule, UnsupportedModuleError
 from adaptive.stats.uses import TOGGLED, UseTracking
 
 __all__ = ["FALLBACKS", "GradientStatistics", "StatisticsResult"]
@@ -161,81 +159,6 @@ class _Site:
         return self.rule is not None and type(self.rule).paths is not LayerRule.paths
 
 
-def _float32(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast off for the hooks' own matmuls (the statistics are float32); a no-op context when
-    autocast is off already, which is cheaper than switching it off again in every hook."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _add(acc: Tensor | None, x: Tensor) -> Tensor:
-    return x if acc is None else acc + x
-
-
-def _batch_sum(g: Tensor) -> Tensor:
-    """Σ_i g_i over axis 0; a batch laid out densely with the samples outermost (contiguous, or a
-    permuted view of such a tensor) goes through a matrix-vector product, which reads it once in
-    order (``sum(0)`` is a strided reduction, about twice as slow on CPU). Small batches (a
-    norm's weight, a bias: a few thousand numbers) take ``sum(0)``, which skips the product's
-    set-up (2 against 20 µs at (32, 64))."""
-    if g.dim() < 2 or g.numel() <= 1 << 14:
-        return g.sum(0)
-    order = sorted(range(1, g.dim()), key=lambda i: -g.stride(i))
-    dense = g.permute(0, *order)
-    if not dense.is_contiguous():
-        return g.sum(0)
-    ones = torch.ones(g.shape[0], dtype=g.dtype, device=g.device)
-    total = (ones @ dense.reshape(g.shape[0], -1)).reshape(dense.shape[1:])
-    back = [0] * len(order)
-    for pos, dim in enumerate(order):
-        back[dim - 1] = pos
-    return total.permute(*back)
-
-
-def _grad_hook(output: Tensor, handler: Any) -> Tensor | None:
-    """Call ``handler(δ)`` with the gradient of a layer's ``output`` in backward; returns what the
-    forward hook should return. A tensor hook does it, except on a view (Linear on a sequence
-    returns one): a view modified in place afterwards (``h.mul_(gamma)``) gets a new grad_fn
-    and its hooks never fire: a reshaped view is hooked on its base, another view replaced by
-    an alias from :class:`Tap`."""
-    if not output._is_view():
-        output.register_hook(handler)
-        return None
-    base = output._base
-    if base.numel() == output.numel() and base.is_contiguous() and output.is_contiguous():
-        # a reshape of its base (F.linear's (b, t, out) view of the (b·t, out) product): the
-        # base's hook sees the same gradient, in place or not
-        shape = output.shape
-        base.register_hook(lambda g: handler(g.reshape(shape)))
-        return None
-
-    def on_grads(grads: tuple[Tensor | None, ...]) -> None:
-        if grads[0] is not None:
-            handler(grads[0])
-
-    return Tap.apply(on_grads, output)[0]
-
-
-class _FusedWeightGrads(torch.autograd.Function):
-    """Identity on a layer's output whose backward hands the output gradient to the sensor, which
-    returns the layer's parameter gradients as sums of the per-sample gradients it builds anyway.
-
-    The layer ran with its parameters' ``requires_grad`` off, so autograd computes only the
-    input gradient; this node supplies the parameter gradients. The output is a detached alias of
-    the layer's output (not a view), so in-place activations after the layer stay legal.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, out: Tensor, handler: Any, *params: Tensor) -> Tensor:
-        ctx.handler = handler
-        return out.detach()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return (grad, None, *ctx.handler(grad))
-
-
 _SIDE_PASSES = 0
 
 
@@ -294,7 +217,7 @@ class GradientStatistics(UseTracking):
             used for every layer it can take (``paths="native"``). By default, on CPU,
             the first call of each shape times every path that can take it and keeps the
             fastest (cached for the process); on other devices
-            :func:`adaptive.stats.layers.materialising_pays` decides. :meth:`plan` lists the
+            :func:`adaptive.stats.rules.grouped.materialising_pays` decides. :meth:`plan` lists the
             choices.
 
     Accumulation. Several ``capture()`` blocks before one :meth:`result` are micro-batches of one

@@ -282,7 +282,7 @@ def conv_operands(conv: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor
 def layer_sq_norms(module: nn.Module, a: Tensor, d: Tensor, names: frozenset[str]) -> Tensor:
     """``Σ_p ‖∂ℓ/∂p‖²_i`` over the parameters ``names`` (``weight``, ``bias``) of a Linear or
     Conv layer with input ``a`` and output gradient ``d``, shape ``(b,)`` float32: the CUDA branch
-    of :class:`adaptive.stats.layers.LinearRule`/``ConvRule``."""
+    of :class:`adaptive.stats.rules.LinearRule`/``ConvRule``."""
     b = d.shape[0]
     bias = "bias" in names and getattr(module, "bias", None) is not None
     if isinstance(module, nn.Linear):
@@ -311,7 +311,7 @@ def layer_sums_and_sq_norms(
     """A Linear or ``groups == 1`` Conv layer's ``(Σ_i g_i per parameter, Σ_p ‖g_i‖² (b,),
     Σ_i g_i² per parameter or None)`` from one pass of :func:`sums_and_sq_norms` (the weight's
     per-sample gradients never leave registers): the contract of
-    :meth:`adaptive.stats.layers.LayerRule.native_sums`, for its CUDA branch. None where it does
+    :meth:`adaptive.stats.rules.LayerRule.native_sums`, for its CUDA branch. None where it does
     not apply (no ``weight`` in ``names``, grouped convolutions)."""
     if "weight" not in names:
         return None

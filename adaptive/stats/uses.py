@@ -35,10 +35,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from adaptive.stats.hooks import _add, _batch_sum, _float32
 from adaptive.stats.last_resort import ModuleCall, per_sample_grads, replaying, tap_outputs
-from adaptive.stats.layers import UnsupportedModuleError
 from adaptive.stats.ops import WATCH, OpCall
 from adaptive.stats.registry import per_sample_params
+from adaptive.stats.rules import UnsupportedModuleError
 
 if TYPE_CHECKING:
     from adaptive.stats.statistics import _MicroBatch, _Site
@@ -119,8 +120,6 @@ class UseTracking:
 
     def _account(self, mb: _MicroBatch, full: str, g: Tensor) -> None:
         """Every statistic of one parameter from its per-sample gradients ``(b, *shape)``."""
-        from adaptive.stats.statistics import _add, _batch_sum, _float32
-
         with _float32(g.device.type):
             g = g.float()
             total = _batch_sum(g)
@@ -187,8 +186,6 @@ class UseTracking:
         mb = self._current
         multi = frozenset(loc for loc, (f, _) in site.params.items() if self._multi(mb, f))
         if multi:
-            from adaptive.stats.statistics import _float32
-
             with _float32(d.device.type):
                 per = per_sample_params(site.rule, site.module, a, d, multi)
             for loc, g in per.items():
@@ -205,8 +202,6 @@ class UseTracking:
         grad = rest[-1]
         if mb is None or not any(self._multi(mb, site.params[k][0]) for k in locals_):
             return self._on_fused_grad(site, a, locals_, *rest)
-        from adaptive.stats.statistics import _batch_sum, _float32
-
         d = grad.detach()
         self._start(mb, d.shape[0], site.name)
         with _float32(d.device.type):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from adaptive.stats import GradientStatistics, native, per_sample_gradients, reference_statistics
-from adaptive.stats.layers import ConvRule, LinearRule, materialising_pays
+from adaptive.stats.rules import ConvRule, LinearRule, materialising_pays
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),

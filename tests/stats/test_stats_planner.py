@@ -327,7 +327,7 @@ def test_a_second_process_takes_the_cached_paths(tmp_path):
 def test_the_torch_path_timing_computes_autograds_gradients(layer):
     """``batch_grads``, which stands for autograd's weight gradient when the paths are timed,
     computes exactly that gradient."""
-    from adaptive.stats.layers import find_rule
+    from adaptive.stats.rules import find_rule
 
     torch.manual_seed(0)
     x = torch.randn(3, 6, 5) if isinstance(layer, torch.nn.Linear) else None

@@ -13,8 +13,8 @@ from adaptive.stats import (
     per_sample_gradients,
     reference_statistics,
 )
-from adaptive.stats.layers import ConvRule, LinearRule
-from adaptive.stats.statistics import _batch_sum
+from adaptive.stats.hooks import _batch_sum
+from adaptive.stats.rules import ConvRule, LinearRule
 
 # torch.func has no batching rule for CPU flash attention yet: the reference is slower, not wrong
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")

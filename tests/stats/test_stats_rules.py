@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from adaptive.stats.layers import ConvRule, _grouped_sq_norms, _im2col, materialising_pays
+from adaptive.stats.rules import ConvRule, materialising_pays
+from adaptive.stats.rules.conv import _im2col
+from adaptive.stats.rules.grouped import _grouped_sq_norms
 
 
 @pytest.mark.parametrize(
