@@ -171,3 +171,75 @@ def _check_two_ranks(r0: dict, r1: dict, kind: str) -> None:
 def two_ranks(run_two_ranks):
     """(run_two_ranks(argv_for_rank), check_two_ranks(r0, r1, kind)) for the distributed tests."""
     return run_two_ranks, _check_two_ranks
+
+
+# ---------------------------------------------------------------- exactness against torch.func
+_SCALARS = (
+    "sum_sq_norms",
+    "grad_sq_norm",
+    "variance",
+    "noise_scale",
+    "inner_product_variance",
+    "orthogonality_variance",
+)
+
+
+def _rel_close(got: torch.Tensor, want: torch.Tensor, what: str = "", rtol: float = 1e-4) -> None:
+    got, want = got.double().cpu(), want.double().cpu()
+    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    assert err <= rtol, f"{what}: relative error {err:.2e}"
+
+
+def _check_every_statistic(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn=F.cross_entropy,
+    before_reference=None,
+    replayed: bool | None = None,
+    **kwargs,
+) -> None:
+    """One capture with every option (per-coordinate sums, two groups, a target) against
+    torch.func per-sample gradients of the whole model; ``replayed``: whether the module replay
+    (last_resort) must have run (None: not checked)."""
+    import warnings
+
+    from adaptive.stats import GradientStatistics, per_sample_gradients, reference_statistics
+    from adaptive.stats.last_resort import replay_seconds
+    from adaptive.stats.ops import WATCH
+
+    g = torch.Generator().manual_seed(3)
+    target = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+    groups = torch.arange(x.shape[0]) % 2
+    stats = GradientStatistics(model, per_coordinate=True, num_groups=2, **kwargs)
+    stats.set_target(target)
+    before = replay_seconds()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if replayed is False else "ignore")
+        with stats.capture(group_ids=groups):
+            loss_fn(model(x), y).backward()
+    if replayed is not None:
+        assert (replay_seconds() > before) == replayed
+    assert not WATCH.calls and not WATCH.tracked  # nothing is left watched after a capture
+    s = stats.result()
+    if before_reference is not None:
+        before_reference()
+    ref = reference_statistics(
+        per_sample_gradients(model, loss_fn, x, y), target=target, group_ids=groups, num_groups=2
+    )
+    _rel_close(s.per_sample_sq_norms, ref["per_sample_sq_norms"], "per_sample_sq_norms")
+    for n in (*_SCALARS, "group_sum_sq_norms", "group_grad_dots"):
+        _rel_close(getattr(s, n), ref[n], n)
+    assert set(s.coordinate_sq_sums) == set(ref["coordinate_sq_sums"])
+    for n in ref["coordinate_sq_sums"]:
+        _rel_close(s.coordinate_sq_sums[n], ref["coordinate_sq_sums"][n], n)
+        _rel_close(s.mean_grads[n], ref["mean_grads"][n], n)
+
+
+@pytest.fixture(scope="session")
+def exact():
+    """``exact.check(model, x, y, ...)``: every statistic against torch.func;
+    ``exact.close(got, want, what, rtol=1e-4)``: relative closeness at the scale of ``want``."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(check=_check_every_statistic, close=_rel_close)

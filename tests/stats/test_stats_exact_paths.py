@@ -26,47 +26,6 @@ from adaptive.stats.registry import find_rule
 
 pytestmark = pytest.mark.filterwarnings("ignore:GradientStatistics. no per-sample rule:UserWarning")
 
-SCALARS = (
-    "sum_sq_norms",
-    "grad_sq_norm",
-    "variance",
-    "noise_scale",
-    "inner_product_variance",
-    "orthogonality_variance",
-)
-
-
-def close(got: Tensor, want: Tensor, what: str = "", rtol: float = 1e-4) -> None:
-    got, want = got.double().cpu(), want.double().cpu()
-    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
-    assert err <= rtol, f"{what}: relative error {err:.2e}"
-
-
-def check(
-    model: nn.Module, x: Tensor, y: Tensor, loss_fn=F.cross_entropy, before_reference=None, **kwargs
-) -> None:
-    """One capture with every option against torch.func, all statistics."""
-    g = torch.Generator().manual_seed(3)
-    target = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
-    groups = torch.arange(x.shape[0]) % 2
-    stats = GradientStatistics(model, per_coordinate=True, num_groups=2, **kwargs)
-    stats.set_target(target)
-    with stats.capture(group_ids=groups):
-        loss_fn(model(x), y).backward()
-    s = stats.result()
-    if before_reference is not None:
-        before_reference()
-    ref = reference_statistics(
-        per_sample_gradients(model, loss_fn, x, y), target=target, group_ids=groups, num_groups=2
-    )
-    close(s.per_sample_sq_norms, ref["per_sample_sq_norms"], "per_sample_sq_norms")
-    for n in (*SCALARS, "group_sum_sq_norms", "group_grad_dots"):
-        close(getattr(s, n), ref[n], n)
-    assert set(s.coordinate_sq_sums) == set(ref["coordinate_sq_sums"])
-    for n in ref["coordinate_sq_sums"]:
-        close(s.coordinate_sq_sums[n], ref["coordinate_sq_sums"][n], n)
-        close(s.mean_grads[n], ref["mean_grads"][n], n)
-
 
 # ---------------------------------------------------------------- subclasses that change forward
 class BatchNormAct(nn.BatchNorm2d):
@@ -105,7 +64,7 @@ def test_subclasses_keep_a_rule_only_where_they_compute_the_same():
     assert find_rule(PlainLinear(2, 2)) is find_rule(nn.Linear(2, 2)) is not None
 
 
-def test_batchnorm_act_subclass_in_eval_mode_is_exact():
+def test_batchnorm_act_subclass_in_eval_mode_is_exact(exact):
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3), BatchNormAct(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
@@ -114,7 +73,7 @@ def test_batchnorm_act_subclass_in_eval_mode_is_exact():
         model[1].running_mean.uniform_(-0.5, 0.5)
         model[1].running_var.uniform_(0.5, 2.0)
     x = torch.randn(6, 3, 8, 8)
-    check(model, x, torch.randint(0, 5, (6,)))
+    exact.check(model, x, torch.randint(0, 5, (6,)))
 
 
 def test_batchnorm_act_subclass_in_training_mode_is_refused_with_the_choices():
@@ -127,7 +86,7 @@ def test_batchnorm_act_subclass_in_training_mode_is_refused_with_the_choices():
         assert part in msg
 
 
-def test_scaling_embedding_and_extra_parameter_subclasses_are_exact():
+def test_scaling_embedding_and_extra_parameter_subclasses_are_exact(exact):
     torch.manual_seed(0)
 
     class LM(nn.Module):
@@ -146,7 +105,7 @@ def test_scaling_embedding_and_extra_parameter_subclasses_are_exact():
     def loss_fn(out: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(out.reshape(-1, 11), y.reshape(-1))
 
-    check(LM(), ids, torch.randint(0, 11, (5, 7)), loss_fn)
+    exact.check(LM(), ids, torch.randint(0, 11, (5, 7)), loss_fn)
 
 
 # ---------------------------------------------------------------- modules without a rule
@@ -181,9 +140,9 @@ class Wrapper(nn.Module):
         return self.head(self.norm(self.body(tokens=x, scale=2.0))[:, 0])
 
 
-def test_module_without_rule_called_with_keywords_is_replayed_exactly():
+def test_module_without_rule_called_with_keywords_is_replayed_exactly(exact):
     torch.manual_seed(0)
-    check(Wrapper(), torch.randn(6, 4, 6), torch.randint(0, 3, (6,)))
+    exact.check(Wrapper(), torch.randn(6, 4, 6), torch.randint(0, 3, (6,)))
 
 
 def test_replay_warns_once_naming_the_module_the_reason_and_the_cost():
@@ -252,7 +211,7 @@ def test_parameter_used_outside_every_module_is_refused_by_name():
             model(torch.randn(2, 3)).sum().backward()
 
 
-def test_parameter_used_inside_and_outside_its_module_is_refused_at_the_first_capture():
+def test_parameter_used_inside_and_outside_its_module_is_refused_at_the_first_capture(exact):
     """Silently wrong before: b's rule saw only its own call, autograd summed both uses."""
     model = Outside()
     model.also = True
@@ -267,7 +226,9 @@ def test_parameter_used_inside_and_outside_its_module_is_refused_at_the_first_ca
         model(x).square().sum(1).mean().backward()
     got = stats.result().per_sample_sq_norms
     want = per_sample_gradients(model, lambda out, y: out.square().sum(), x, torch.zeros(4))
-    close(got, sum(g.flatten(1).square().sum(1) for g in want.values()), "per_sample_sq_norms")
+    exact.close(
+        got, sum(g.flatten(1).square().sum(1) for g in want.values()), "per_sample_sq_norms"
+    )
 
 
 class InPlaceScale(nn.Module):
@@ -286,14 +247,14 @@ class InPlaceScale(nn.Module):
 
 
 @pytest.mark.parametrize("paths", [None, "materialise", "torch"])
-def test_a_layer_output_modified_in_place_is_exact_on_every_path(paths):
+def test_a_layer_output_modified_in_place_is_exact_on_every_path(paths, exact):
     torch.manual_seed(0)  # silently wrong before on the torch path (the hook never fired)
-    check(InPlaceScale(), torch.randn(5, 7, 6), torch.randint(0, 3, (5,)), paths=paths)
+    exact.check(InPlaceScale(), torch.randn(5, 7, 6), torch.randint(0, 3, (5,)), paths=paths)
 
 
 # ---------------------------------------------------------------- several uses, broadcast inputs
 @pytest.mark.parametrize("paths", [None, "materialise", "torch"])
-def test_layers_applied_twice_and_tied_weights_on_every_path(paths):
+def test_layers_applied_twice_and_tied_weights_on_every_path(paths, exact):
     torch.manual_seed(0)
 
     class Shared(nn.Module):
@@ -317,10 +278,10 @@ def test_layers_applied_twice_and_tied_weights_on_every_path(paths):
         return F.cross_entropy(out.reshape(-1, 9), y.reshape(-1))
 
     ids = torch.randint(0, 9, (5, 16))
-    check(Shared(), ids, torch.randint(0, 9, (5, 16)), loss_fn, paths=paths)
+    exact.check(Shared(), ids, torch.randint(0, 9, (5, 16)), loss_fn, paths=paths)
 
 
-def test_position_embedding_with_broadcast_ids():
+def test_position_embedding_with_broadcast_ids(exact):
     torch.manual_seed(0)
 
     class Pos(nn.Module):
@@ -339,7 +300,7 @@ def test_position_embedding_with_broadcast_ids():
     def loss_fn(out: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(out.reshape(-1, 7), y.reshape(-1))
 
-    check(Pos(), torch.randint(0, 7, (4, 6)), torch.randint(0, 7, (4, 6)), loss_fn)
+    exact.check(Pos(), torch.randint(0, 7, (4, 6)), torch.randint(0, 7, (4, 6)), loss_fn)
 
 
 def test_broadcast_output_used_otherwise_is_refused():
@@ -362,7 +323,7 @@ def test_broadcast_output_used_otherwise_is_refused():
 # ---------------------------------------------------------------- several sensors
 @pytest.mark.parametrize("order", ["first", "second"])
 @pytest.mark.parametrize("kind", ["cnn", "block", "conv1d"])
-def test_two_sensors_on_one_model_are_both_exact(models, kind, order):
+def test_two_sensors_on_one_model_are_both_exact(models, kind, order, exact):
     make_model, data_for = models
     model, loss_fn = make_model(kind)
     x, y = data_for(kind, 6)
@@ -374,14 +335,14 @@ def test_two_sensors_on_one_model_are_both_exact(models, kind, order):
         loss_fn(model(x), y).backward()
     sa, sb = a.result(), b.result()
     for s in (sa, sb):
-        close(s.per_sample_sq_norms, ref["per_sample_sq_norms"])
+        exact.close(s.per_sample_sq_norms, ref["per_sample_sq_norms"])
         for n in ("sum_sq_norms", "grad_sq_norm", "variance", "noise_scale"):
-            close(getattr(s, n), ref[n], n)
-    close(sa.inner_product_variance, ref["inner_product_variance"])
+            exact.close(getattr(s, n), ref[n], n)
+    exact.close(sa.inner_product_variance, ref["inner_product_variance"])
     for n, v in sa.coordinate_sq_sums.items():
-        close(v, ref["coordinate_sq_sums"][n], n)
+        exact.close(v, ref["coordinate_sq_sums"][n], n)
     for n, p in model.named_parameters():  # autograd's .grad is still the plain mean gradient
-        close(p.grad, ref["mean_grads"][n], n)
+        exact.close(p.grad, ref["mean_grads"][n], n)
 
 
 # ---------------------------------------------------------------- registry
@@ -416,14 +377,14 @@ class ScaleRule(LayerRule):
         return {"w": self.per_sample(module, a, d)}
 
 
-def test_registered_rule_is_used_and_exact(recwarn):
+def test_registered_rule_is_used_and_exact(recwarn, exact):
     torch.manual_seed(0)
     register_rule(Scale, ScaleRule())
     try:
         model = nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), Scale(5), nn.Linear(5, 3))
         model[3] = model[1]  # the same Scale twice: its per_sample_params sums the uses
         assert isinstance(find_rule(model[1]), ScaleRule)
-        check(model, torch.randn(6, 3, 4), torch.randint(0, 3, (6, 3)), loss_fn=_seq_ce)
+        exact.check(model, torch.randn(6, 3, 4), torch.randint(0, 3, (6, 3)), loss_fn=_seq_ce)
         assert not [w for w in recwarn if "no per-sample rule" in str(w.message)]
     finally:
         unregister_rule(Scale)
@@ -444,7 +405,7 @@ def test_register_rule_rejects_bad_arguments():
 
 
 # ---------------------------------------------------------------- fallback with keyword inputs
-def test_group_fallback_with_keyword_inputs():
+def test_group_fallback_with_keyword_inputs(exact):
     class KW(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -478,8 +439,8 @@ def test_group_fallback_with_keyword_inputs():
     want = (
         m[0] * means[0].square().sum() + m[1] * means[1].square().sum()
     ) - 6 * gbar.square().sum()
-    close(s.grad_sq_norm, gbar.square().sum(), "grad_sq_norm")
-    close(s.variance, want, "variance")  # K - 1 = 1
+    exact.close(s.grad_sq_norm, gbar.square().sum(), "grad_sq_norm")
+    exact.close(s.variance, want, "variance")  # K - 1 = 1
 
 
 class Ckpt(nn.Module):
@@ -497,14 +458,14 @@ class Ckpt(nn.Module):
         return self.b(torch.tanh(h))
 
 
-def test_activation_checkpointing_without_reentrance_is_exact():
+def test_activation_checkpointing_without_reentrance_is_exact(exact):
     torch.manual_seed(0)
     model = Ckpt(reentrant=False)
 
     def off() -> None:  # torch.func does not run under checkpointing's saved-tensor hooks
         model.on = False
 
-    check(model, torch.randn(5, 4), torch.randint(0, 3, (5,)), before_reference=off)
+    exact.check(model, torch.randn(5, 4), torch.randint(0, 3, (5,)), before_reference=off)
 
 
 def test_reentrant_activation_checkpointing_is_refused():

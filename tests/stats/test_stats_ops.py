@@ -5,8 +5,6 @@ to run (or to run, where an operation cannot be followed)."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,57 +13,8 @@ from torch import Tensor, nn
 from adaptive.stats import (
     GradientStatistics,
     UnsupportedModuleError,
-    per_sample_gradients,
-    reference_statistics,
 )
-from adaptive.stats.last_resort import replay_seconds
 from adaptive.stats.ops import WATCH
-
-SCALARS = (
-    "sum_sq_norms",
-    "grad_sq_norm",
-    "variance",
-    "noise_scale",
-    "inner_product_variance",
-    "orthogonality_variance",
-)
-
-
-def close(got: Tensor, want: Tensor, what: str = "", rtol: float = 1e-4) -> None:
-    got, want = got.double().cpu(), want.double().cpu()
-    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
-    assert err <= rtol, f"{what}: relative error {err:.2e}"
-
-
-def check(model: nn.Module, x: Tensor, y: Tensor, replayed: bool = False, **kwargs) -> None:
-    """One capture with every statistic against torch.func; ``replayed``: whether the module
-    replay (last_resort) must have run."""
-    g = torch.Generator().manual_seed(3)
-    target = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
-    groups = torch.arange(x.shape[0]) % 2
-    stats = GradientStatistics(model, per_coordinate=True, num_groups=2, **kwargs)
-    stats.set_target(target)
-    before = replay_seconds()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore" if replayed else "error")
-        with stats.capture(group_ids=groups):
-            F.cross_entropy(model(x), y).backward()
-    assert (replay_seconds() > before) == replayed
-    assert not WATCH.calls and not WATCH.tracked  # nothing is left watched after the capture
-    s = stats.result()
-    ref = reference_statistics(
-        per_sample_gradients(model, F.cross_entropy, x, y),
-        target=target,
-        group_ids=groups,
-        num_groups=2,
-    )
-    close(s.per_sample_sq_norms, ref["per_sample_sq_norms"], "per_sample_sq_norms")
-    for n in (*SCALARS, "group_sum_sq_norms", "group_grad_dots"):
-        close(getattr(s, n), ref[n], n)
-    assert set(s.coordinate_sq_sums) == set(ref["coordinate_sq_sums"])
-    for n in ref["coordinate_sq_sums"]:
-        close(s.coordinate_sq_sums[n], ref["coordinate_sq_sums"][n], n)
-        close(s.mean_grads[n], ref["mean_grads"][n], n)
 
 
 # ---------------------------------------------------------------- modules using parameters by ops
@@ -145,30 +94,30 @@ class ConvBlock(nn.Module):
         return x + h.mul(self.gamma.reshape(1, -1, 1, 1))
 
 
-def test_tokens_cls_pos_embed_and_layer_scale_by_ops():
+def test_tokens_cls_pos_embed_and_layer_scale_by_ops(exact):
     torch.manual_seed(0)
-    check(Tokens(), torch.randn(5, 6, 6), torch.randint(0, 3, (5,)))
+    exact.check(Tokens(), torch.randn(5, 6, 6), torch.randint(0, 3, (5,)), replayed=False)
 
 
-def test_norm_subclasses_by_ops():
+def test_norm_subclasses_by_ops(exact):
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(6, 6), RMSNormLike(6, offset=False), RMSNormLike(6, offset=True), nn.Flatten(),
         nn.Linear(6, 3),
     )  # fmt: skip
-    check(model, torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    exact.check(model, torch.randn(5, 6), torch.randint(0, 3, (5,)), replayed=False)
 
 
-def test_functional_rms_and_group_norm_by_ops():
+def test_functional_rms_and_group_norm_by_ops(exact):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), FunctionalNorms(), nn.Flatten(), nn.Linear(24, 3))
-    check(model, torch.randn(5, 4, 6), torch.randint(0, 3, (5,)))
+    exact.check(model, torch.randn(5, 4, 6), torch.randint(0, 3, (5,)), replayed=False)
 
 
-def test_convnext_style_block_by_ops():
+def test_convnext_style_block_by_ops(exact):
     torch.manual_seed(0)
     model = nn.Sequential(ConvBlock(), ConvBlock(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
-    check(model, torch.randn(6, 4, 5, 5), torch.randint(0, 3, (6,)))
+    exact.check(model, torch.randn(6, 4, 5, 5), torch.randint(0, 3, (6,)), replayed=False)
 
 
 class Twice(nn.Module):
@@ -183,11 +132,11 @@ class Twice(nn.Module):
         return torch.tanh(x * self.g) + self.g
 
 
-def test_parameter_in_several_operations_and_calls_sums_its_uses():
+def test_parameter_in_several_operations_and_calls_sums_its_uses(exact):
     torch.manual_seed(0)
     twice = Twice()
     model = nn.Sequential(nn.Linear(6, 6), twice, twice, nn.Linear(6, 3))
-    check(model, torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    exact.check(model, torch.randn(5, 6), torch.randint(0, 3, (5,)), replayed=False)
 
 
 class EinsumScale(nn.Module):
@@ -202,7 +151,7 @@ class EinsumScale(nn.Module):
         return torch.einsum("bi,ij->bj", x, torch.diag(self.w)) + self.b
 
 
-def test_an_operation_it_cannot_follow_falls_back_to_the_exact_replay():
+def test_an_operation_it_cannot_follow_falls_back_to_the_exact_replay(exact):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), EinsumScale(), nn.Linear(6, 3))
     x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
@@ -211,10 +160,10 @@ def test_an_operation_it_cannot_follow_falls_back_to_the_exact_replay():
         with stats.capture():
             F.cross_entropy(model(x), y).backward()
     assert "einsum" in stats._op_refused["1"]
-    check(model, x, y, replayed=True)
+    exact.check(model, x, y, replayed=True)
 
 
-def test_dropout_after_an_op_level_use_is_exact():
+def test_dropout_after_an_op_level_use_is_exact(exact):
     """Dropout scales each sample's own positions: the per-sample gradient of ``w`` in
     ``dropout(x * w)`` summed to a scalar loss is ``Σ_positions mask/(1-p) · x`` per sample."""
 
@@ -236,7 +185,7 @@ def test_dropout_after_an_op_level_use_is_exact():
     torch.manual_seed(11)
     mask = F.dropout(torch.ones(3, 5, 4), 0.5, True)  # the same draw: same shape, same seed
     want = (mask * x).sum(1).square().sum(1)
-    close(s.per_sample_sq_norms, want, "per_sample_sq_norms")
+    exact.close(s.per_sample_sq_norms, want, "per_sample_sq_norms")
 
 
 class PositionTable(nn.Module):
@@ -260,9 +209,9 @@ class UsesTable(nn.Module):
         return self.head((x + self.table(x.shape[1])).mean(1))
 
 
-def test_a_parameter_derived_output_is_followed_after_its_module_returns():
+def test_a_parameter_derived_output_is_followed_after_its_module_returns(exact):
     torch.manual_seed(0)
-    check(UsesTable(), torch.randn(5, 7, 6), torch.randint(0, 3, (5,)))
+    exact.check(UsesTable(), torch.randn(5, 7, 6), torch.randint(0, 3, (5,)), replayed=False)
 
 
 class ReturnsTable(UsesTable):
@@ -324,12 +273,14 @@ class RelativeBias(nn.Module):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_a_layer_without_samples_in_its_input_is_followed_to_the_attention(padded):
+def test_a_layer_without_samples_in_its_input_is_followed_to_the_attention(padded, exact):
     torch.manual_seed(0)
-    check(RelativeBias(padded), torch.randn(5, 7, 6), torch.randint(0, 3, (5,)))
+    exact.check(
+        RelativeBias(padded), torch.randn(5, 7, 6), torch.randint(0, 3, (5,)), replayed=False
+    )
 
 
-def test_two_sensors_share_the_watch_and_equal_a_lone_one():
+def test_two_sensors_share_the_watch_and_equal_a_lone_one(exact):
     torch.manual_seed(0)
     model = Tokens()
     x, y = torch.randn(5, 6, 6), torch.randint(0, 3, (5,))
@@ -340,8 +291,8 @@ def test_two_sensors_share_the_watch_and_equal_a_lone_one():
     a, b = GradientStatistics(model), GradientStatistics(model, inner_products=False)
     with a.capture(), b.capture():
         F.cross_entropy(model(x), y).backward()
-    close(a.result().per_sample_sq_norms, want, "first sensor")
-    close(b.result().per_sample_sq_norms, want, "second sensor")
+    exact.close(a.result().per_sample_sq_norms, want, "first sensor")
+    exact.close(b.result().per_sample_sq_norms, want, "second sensor")
 
 
 def test_a_forward_that_raises_leaves_nothing_watched():
@@ -408,8 +359,8 @@ class Products(nn.Module):
         return self.head(self.own(h).mean(1))
 
 
-def test_products_and_lookups_with_the_modules_own_weights_by_ops():
+def test_products_and_lookups_with_the_modules_own_weights_by_ops(exact):
     torch.manual_seed(0)
     ids = torch.randint(0, 10, (5, 7))
     ids[0, :3] = 1  # id 1 + 2 = the padding row: no gradient for it
-    check(Products(), ids, torch.randint(0, 3, (5,)))
+    exact.check(Products(), ids, torch.randint(0, 3, (5,)), replayed=False)
