@@ -274,7 +274,8 @@ class OpWatch(TorchFunctionMode):
                 return
             start = time.perf_counter()
             g = g.detach()
-            per = (g.sum(axes, keepdim=True) if axes else g).reshape(shape)
+            # a copy, never autograd's own gradient: the sensor may read it after backward
+            per = (g.sum(axes, keepdim=True) if axes else g.clone()).reshape(shape)
             _to_roots(calls, roots, t, per)
             _SECONDS[0] += time.perf_counter() - start
 

@@ -136,6 +136,7 @@ class _MicroBatch:
         self.op_params: set[str] = set()  # ruled layers' parameters followed by ops.py
         self.op_totals: dict[str, Tensor] = {}  # first capture: Σ_i g_i delivered by ops.py
         self.sum_checks: list[tuple[str, Tensor, Tensor]] = []  # (name, ‖Σ_i g_i − g‖, ‖g‖)
+        self.small: list[tuple[str, Tensor]] = []  # op-level (b, *shape) gradients to account
         # fused layers: name -> (planner key to record a measurement under, or None; the paths
         # to run: the candidates to time, or the one chosen)
         self.plans: dict[str, tuple[tuple | None, tuple[str, ...]]] = {}
@@ -567,6 +568,8 @@ class GradientStatistics(UseTracking):
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._attached is not None:
+            self._flush_small(self._attached)  # while the micro-batch is still the current one
         mb, self._attached = self._attached, None
         if mb is not None:  # a forward that raised leaves watched calls open: close them
             for call in mb.op_calls:
