@@ -274,9 +274,10 @@ class OpWatch(TorchFunctionMode):
                 return
             start = time.perf_counter()
             g = g.detach()
-            # a copy, never autograd's own gradient: the sensor may read it after backward
-            per = (g.sum(axes, keepdim=True) if axes else g.clone()).reshape(shape)
-            _to_roots(calls, roots, t, per)
+            # a copy, never autograd's own gradient (the sensor may read it after backward),
+            # summed in float32 whatever autocast ran the operation in
+            per = (g.float().sum(axes, keepdim=True) if axes else g.float().clone()).reshape(shape)
+            _to_roots(calls, roots, t, per.to(t.dtype))
             _SECONDS[0] += time.perf_counter() - start
 
         tb.register_hook(back)
@@ -390,14 +391,14 @@ class OpWatch(TorchFunctionMode):
         out = func(*args, **kwargs)
         for v, _, _ in watched.values():
             self._count(hits[id(v)])
-        xs = x.detach().reshape(b, k, x.shape[-1])
+        xs = x.detach().reshape(b, k, x.shape[-1]).float()
 
         def back(d: Tensor) -> None:
             live = {key: wv for key, wv in watched.items() if not all(c.cancelled for c in wv[2])}
             if not live:
                 return
             start = time.perf_counter()
-            d = d.detach().reshape(b, k, d.shape[-1])
+            d = d.detach().reshape(b, k, d.shape[-1]).float()
             for key, (v, roots, calls) in live.items():
                 if key == "bias":
                     per = d.sum(1).reshape(b, *v.shape)
@@ -436,7 +437,7 @@ class OpWatch(TorchFunctionMode):
             if all(c.cancelled for c in calls):
                 return
             start = time.perf_counter()
-            d = d.detach().reshape(b, rows.shape[1], v.shape[1])
+            d = d.detach().reshape(b, rows.shape[1], v.shape[1]).float()
             per = d.new_zeros(b, *v.shape)
             per.scatter_add_(1, rows.unsqueeze(-1).expand(-1, -1, v.shape[1]), d)
             if pad is not None:
@@ -470,7 +471,7 @@ class OpWatch(TorchFunctionMode):
         out = func(*args, **kwargs)
         for v, _, _ in watched.values():
             self._count(hits[id(v)])
-        xs = x.detach()
+        xs = x.detach().float()
         version = xs._version
         extra = bound.get("normalized_shape", bound.get("num_groups"))
         eps = bound.get("eps")
@@ -486,7 +487,7 @@ class OpWatch(TorchFunctionMode):
                     "per-sample gradients of its weight need it as it was"
                 )
             with torch.no_grad():
-                d = d.detach()
+                d = d.detach().float()
                 if kind == "layer":
                     xh = F.layer_norm(xs, extra, None, None, 1e-5 if eps is None else eps)
                 elif kind == "rms":

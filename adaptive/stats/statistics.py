@@ -137,6 +137,7 @@ class _MicroBatch:
         self.op_totals: dict[str, Tensor] = {}  # first capture: Σ_i g_i delivered by ops.py
         self.sum_checks: list[tuple[str, Tensor, Tensor]] = []  # (name, ‖Σ_i g_i − g‖, ‖g‖)
         self.small: list[tuple[str, Tensor]] = []  # op-level (b, *shape) gradients to account
+        self.autocast = False  # the forward ran under autocast (reduced precision)
         # fused layers: name -> (planner key to record a measurement under, or None; the paths
         # to run: the candidates to time, or the one chosen)
         self.plans: dict[str, tuple[tuple | None, tuple[str, ...]]] = {}
@@ -644,6 +645,7 @@ class GradientStatistics(UseTracking):
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, Tensor) and leaf.dim() > 0:
                 self._start(mb, leaf.shape[0], "<root>")
+                mb.autocast = torch.is_autocast_enabled(leaf.device.type)
                 for h in self._size_handles:
                     h.remove()
                 # the outermost call's end closes what ops.py still follows

@@ -170,7 +170,9 @@ class UseTracking:
         diff = torch.stack([c[1] for c in mb.sum_checks])
         norm = torch.stack([c[2] for c in mb.sum_checks])
         mb.sum_checks.clear()
-        bad = diff > 1e-3 * norm + 1e-5 * norm.max()
+        # autograd's own gradient carries the rounding of a reduced-precision autocast forward
+        rtol = 3e-2 if mb.autocast else 1e-3
+        bad = diff > rtol * norm + 1e-5 * norm.max()
         if bool(bad.any()):  # once, at the first capture
             j = int(bad.nonzero()[0, 0])
             err = float(diff[j] / norm[j].clamp_min(1e-30))

@@ -10,10 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptive.stats import (
-    GradientStatistics,
-    UnsupportedModuleError,
-)
+from adaptive.stats import GradientStatistics, UnsupportedModuleError, per_sample_gradients
 from adaptive.stats.ops import WATCH
 
 
@@ -364,3 +361,31 @@ def test_products_and_lookups_with_the_modules_own_weights_by_ops(exact):
     ids = torch.randint(0, 10, (5, 7))
     ids[0, :3] = 1  # id 1 + 2 = the padding row: no gradient for it
     exact.check(Products(), ids, torch.randint(0, 3, (5,)), replayed=False)
+
+
+def test_op_level_paths_under_bf16_autocast(exact):
+    """Under CPU bf16 autocast the operations run in bfloat16 (a derived operand cast to it,
+    products in it): the per-sample gradients are summed in float32 and match the float32
+    reference to bfloat16's precision."""
+
+    class Cast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.g = nn.Parameter(torch.randn(6) * 0.3 + 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x * self.g.to(torch.bfloat16)  # a derived operand in bfloat16
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Products(), nn.Unflatten(1, (3, 1)), nn.Flatten(), nn.Linear(3, 6))
+    model = nn.Sequential(model, Cast(), nn.Linear(6, 3))
+    ids, y = torch.randint(0, 10, (5, 7)), torch.randint(0, 3, (5,))
+    stats = GradientStatistics(model)
+    with stats.capture():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(ids).float(), y)
+        loss.backward()
+    got = stats.result().per_sample_sq_norms
+    ref = per_sample_gradients(model, F.cross_entropy, ids, y)
+    want = sum(g.flatten(1).square().sum(1) for g in ref.values())
+    exact.close(got, want, "per_sample_sq_norms under bf16 autocast", rtol=5e-2)
