@@ -236,13 +236,13 @@ class OpWatch(TorchFunctionMode):
                 raise _Unsupported(
                     f"{name} combines a parameter with a tensor of shape {tuple(x.shape)}"
                 )
+        sets = {tuple(id(c) for c in e.calls) for e in hits.values()}
+        if len(sets) > 1:  # checked before the call: a refusal runs the operation once, after
+            raise _Unsupported(f"{name} combines parameters of different modules")
         out = func(*args, **kwargs)
         leaves = tree_flatten(out)[0]
         if not any(isinstance(x, Tensor) and x.requires_grad for x in leaves):
             return out  # not a differentiable use (a shape, a comparison, a detached copy)
-        sets = {tuple(id(c) for c in e.calls) for e in hits.values()}
-        if len(sets) > 1:
-            raise _Unsupported(f"{name} combines parameters of different modules")
         calls = next(iter(hits.values())).calls
         roots: dict[int, Tensor] = {}
         for e in hits.values():
@@ -291,8 +291,10 @@ class OpWatch(TorchFunctionMode):
             self.tracked[id(out)] = _Entry(out, hits[id(t)].roots, hits[id(t)].calls)
             return out
         aligned = (1,) * (out.dim() - t.dim()) + tuple(t.shape)
-        if aligned[0] != 1:
-            raise _Unsupported(f"expand of a tensor with {aligned[0]} entries on axis 0")
+        if aligned[0] != 1:  # the expansion ran already: mark the calls, do not run it again
+            for c in hits[id(t)].calls:
+                c.failed = c.failed or f"expand of a tensor with {aligned[0]} entries on axis 0"
+            return out
         self._watch(hits[id(t)], out, b)
         return out
 
