@@ -86,6 +86,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--evals", type=int, default=16)
     p.add_argument("--eval-windows", type=int, default=48)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
     p.add_argument("--train-bytes", type=int, default=3_000_000)
     p.add_argument("--heldout-bytes", type=int, default=200_000)
     p.add_argument("--cache", type=Path, default=None)
@@ -109,6 +110,7 @@ def base_config(args: argparse.Namespace) -> Any:
         evals=args.evals,
         eval_windows=args.eval_windows,
         threads=args.threads,
+        precision=args.precision,
     )
     if args.quick:
         for k, v in lm.QUICK.items():
@@ -252,7 +254,8 @@ def write_markdown(path: Path, meta: dict, table: dict, goals: list[str], tuning
         *([f"**{meta['note']}**", ""] if meta.get("note") else []),
         f"Machine: {meta['machine']}, {meta['cpus']} CPUs (shared), torch {meta['torch']}, "
         f"{meta['date']}. Model: {meta['model']}. Budget {meta['tokens']:,} tokens per run; seeds "
-        f"{meta['seeds']}; {meta['optimizer']}, {meta['schedule']} schedule clocked in tokens. "
+        f"{meta['seeds']}; {meta['optimizer']}, {meta['schedule']} schedule clocked in tokens; "
+        f"precision {meta.get('precision', '32-true')}. "
         "Loss: target-mix next-byte cross-entropy (nats) on held-out *test* documents; the lrs "
         "were chosen on *validation* documents.",
         "",
@@ -395,8 +398,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / f"{name}.partial.json"
     done: dict[str, dict] = {}
-    if args.resume and partial.exists():
-        done = {r["name"]: r for r in json.loads(partial.read_text())["runs"]}
+    if args.resume and partial.exists():  # only runs made with the same precision
+        done = {
+            r["name"]: r
+            for r in json.loads(partial.read_text())["runs"]
+            if r.get("config", {}).get("precision", "32-true") == args.precision
+        }
     sizes = dict(zip(SIZES, args.batch_sizes, strict=True))
 
     def run(cfg) -> dict:
@@ -459,6 +466,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tune_seed": args.tune_seed,
         "optimizer": args.optimizer,
         "schedule": args.schedule,
+        "precision": args.precision,
         "evals": cfg0.evals,
         "batch_sizes": sizes,
         "best_lr": best_lr,

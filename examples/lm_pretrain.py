@@ -478,6 +478,9 @@ class SaveAndStop(pl.Callback):
 
 
 # ======================================================================================= a run
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
 @dataclass
 class RunConfig:
     """Everything one run depends on (saved in its JSON)."""
@@ -515,6 +518,9 @@ class RunConfig:
     eval_windows: int = 48
     evals: int = 16
     threads: int = 0
+    # "bf16-mixed": autocast to bfloat16 (float32 weights and optimizer state): 1.4-1.8x the
+    # tokens/s of float32 on an AMX CPU (Sapphire Rapids, 2 threads, this model)
+    precision: str = "32-true"
 
     def check(self) -> None:
         if self.growth not in GROWTH:
@@ -525,6 +531,8 @@ class RunConfig:
             raise ValueError(f"optimizer={self.optimizer!r}; use 'adamw' or 'lamb'")
         if self.schedule not in ("wsd", "power"):
             raise ValueError(f"schedule={self.schedule!r}; use 'wsd' or 'power'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; use one of {list(PRECISIONS)}")
         for name in ("tokens", "context", "layers", "width", "heads", "batch_size", "interval"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -705,6 +713,7 @@ def train(
         use_distributed_sampler=False,
         gradient_clip_val=1.0,
         accumulate_grad_batches=fixed_accumulation(cfg),
+        precision=cfg.precision,
     )
     t0 = time.perf_counter()
     trainer.fit(module, ckpt_path=ckpt_path)
@@ -904,6 +913,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="per domain, split")
     p.add_argument("--evals", type=int, default=d.evals, help="evaluations over the budget")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: default)")
+    p.add_argument(
+        "--precision", default=d.precision, choices=PRECISIONS, help="Lightning's precision"
+    )
     p.add_argument("--train-bytes", type=int, default=3_000_000, help="per domain")
     p.add_argument("--heldout-bytes", type=int, default=200_000, help="per domain and split")
     p.add_argument("--cache", type=Path, default=None, help=".npz file for the parsed streams")

@@ -158,6 +158,17 @@ def test_quick_cli_run_writes_a_consistent_record(splits, tmp_path):
     assert saved["tokens_per_second"] > 0
 
 
+@needs_text
+def test_bf16_mixed_precision_trains_with_growth_and_mixture(splits):
+    """Lightning's bf16-mixed precision (autocast on CPU) with the sensor, growth and the
+    mixture: the run is recorded as such, its loss falls, and float32 weights are kept."""
+    cfg = _cfg(growth="inner_product", mixture="influence_exp", precision="bf16-mixed")
+    rec = _fit(cfg, splits)
+    assert rec["config"]["precision"] == "bf16-mixed"
+    assert rec["test_loss"] < rec["evals"][0]["test_loss"]
+    assert rec["sensor_batches"] > 0
+
+
 def test_bad_arguments_name_the_argument():
     for kw, match in [
         ({"growth": "double"}, "growth='double'"),
@@ -170,6 +181,7 @@ def test_bad_arguments_name_the_argument():
         ({"growth": "warmup", "lr_scaling": "adascale"}, "adascale"),
         ({"growth": "warmup", "warmup_milestones": [0.5, 0.2]}, "warmup_milestones"),
         ({"mixture": "influence", "capture_steps": 9}, "capture_steps"),
+        ({"precision": "16-mixed"}, "precision='16-mixed'"),
     ]:
         with pytest.raises(ValueError, match=match):
             _cfg(**kw)
