@@ -1,12 +1,12 @@
 """Conformance: the sensor on the models people train, unmodified, against torch.func.
 
 Tiny randomly initialised instances (CPU, float32) of transformers Llama (tied and untied), Qwen2,
-Gemma, GPT-2, BERT, OPT (flattened rows), Falcon (a Linear subclass), T5 and BART
-(encoder-decoders), ALBERT (one layer shared by every depth), timm ViT and ConvNeXt, torchvision
-ResNet-18 and MobileNetV3 (eval mode) and VisionTransformer, ``nn.TransformerEncoder``, GRU and
-LSTM, a model that applies one Linear twice, and a padded language-model batch whose ignored
-tokens (label -100) carry no gradient; Mixtral (experts see tokens routed across samples) must
-be refused. HF models are called
+Gemma, GPT-2, BERT, OPT (flattened rows), Falcon (a Linear subclass), GPT-J (partial rotary), MPT
+(ALiBi), DistilBERT, T5 and BART (encoder-decoders), ALBERT (one layer shared by every depth), timm
+ViT and ConvNeXt, torchvision ResNet-18 and MobileNetV3 (eval mode) and VisionTransformer,
+``nn.TransformerEncoder``, GRU and LSTM, a model that applies one Linear twice, and a padded
+language-model batch whose ignored tokens (label -100) carry no gradient; Mixtral (experts see
+tokens routed across samples) must be refused. HF models are called
 with keyword tensors (``model(**batch)``). Every statistic of the contract (per-sample norms,
 ``‖ḡ‖²``, variance, noise scale, inner-product and orthogonality variances, per-coordinate sums,
 mean gradients, per-group sums with a target) is checked to 1e-4 relative against per-sample
@@ -426,6 +426,49 @@ def albert():
     return build
 
 
+def _hf(config_cls, model_cls, causal: bool, **config):
+    """A tiny transformers model from its config's own argument names, vocabulary 64."""
+
+    def build():
+        cfg = config_cls(vocab_size=64, **config)
+        cfg._attn_implementation = "eager"
+        model = model_cls(cfg)
+        g = torch.Generator().manual_seed(6)
+        if not causal:
+            return _seq2seq_or_mlm(model, g)
+        ids = torch.randint(0, 64, (B, 8), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        return model, batch, lambda out, bt: _lm_loss(out.logits, bt["labels"])
+
+    return build
+
+
+def gptj():
+    """GPT-J: rotary embedding on part of each head, parallel attention and MLP."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    return _hf(
+        GPTJConfig, GPTJForCausalLM, True, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+        n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+
+
+def mpt():
+    """MPT: ALiBi position biases, no learned positions."""
+    from transformers import MptConfig, MptForCausalLM
+
+    return _hf(MptConfig, MptForCausalLM, True, d_model=32, n_heads=4, n_layers=2, max_seq_len=64)
+
+
+def distilbert():
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    return _hf(
+        DistilBertConfig, DistilBertForMaskedLM, False, dim=32, hidden_dim=64, n_layers=2,
+        n_heads=4, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+    )  # fmt: skip
+
+
 REFUSED = {
     # experts see the tokens routed to them, gathered across samples: refused, not guessed
     "mixtral": pytest.mark.xfail(strict=True, raises=ValueError, reason="MoE routing refused"),
@@ -451,6 +494,9 @@ MODELS: dict[str, Callable] = {
     "falcon": falcon,
     "bart": bart,
     "albert": albert,
+    "gptj": gptj,
+    "mpt": mpt,
+    "distilbert": distilbert,
     "mixtral": mixtral,
     "t5": t5,
 }
