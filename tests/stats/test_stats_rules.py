@@ -134,3 +134,98 @@ def test_grouped_sq_norms_with_and_without_bias_against_explicit_gradients(t, n_
     b_sq = bias.square().sum((1, 2))
     torch.testing.assert_close(_grouped_sq_norms(x, d), w_sq)
     torch.testing.assert_close(_grouped_sq_norms(x, d, bias=True), w_sq + b_sq)
+
+
+class _DepthwiseBlock(nn.Module):
+    """ConvNeXt's pattern: a depthwise 7×7 convolution, then a grouped and a dense 1×1 one."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.grouped = nn.Conv2d(c, 2 * c, 1, groups=2)
+        self.pw = nn.Conv2d(2 * c, 3, 1)
+
+    def forward(self, x):
+        return self.pw(torch.relu(self.grouped(self.dw(x)))).mean((2, 3))
+
+
+@pytest.mark.parametrize("path", ["materialise", "torch"])
+def test_depthwise_and_grouped_convs_are_exact_without_im2col(path, exact, monkeypatch):
+    """Grouped convolutions whose materialised form is the cheaper one take their per-sample
+    gradients from the convolution library's weight gradient over ``b·groups`` groups, on every
+    path: exact, and no im2col copy (49 values per input value for a 7×7 kernel) is made."""
+    assert ConvRule()._use_grouped_wgrad(nn.Conv2d(4, 4, 7, groups=4), torch.zeros(1, 4, 12, 12))
+
+    def dense_only(name):  # the dense 1×1 layer may use them
+        original = getattr(ConvRule, name)
+
+        def run(*args):
+            module = next(a for a in args if isinstance(a, nn.Module))
+            assert module.groups == 1, f"{name} (im2col) for a grouped convolution"
+            return original(*args)
+
+        return run
+
+    for name in ("_im2col_bmm", "operands"):
+        static = isinstance(ConvRule.__dict__[name], staticmethod)
+        monkeypatch.setattr(
+            ConvRule, name, staticmethod(dense_only(name)) if static else dense_only(name)
+        )
+    torch.manual_seed(0)
+    exact.check(_DepthwiseBlock(), torch.randn(5, 4, 12, 12), torch.randint(0, 3, (5,)), paths=path)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(6, 6, 5, padding=2, groups=6),
+        nn.Conv2d(4, 6, 3, stride=2, dilation=2, groups=2, padding=2, padding_mode="reflect"),
+        nn.Conv1d(4, 4, 3, groups=4, padding=1),
+    ],
+)
+def test_grouped_weight_gradient_ways_match_torch_func(conv):
+    """Both ways of the convolution library's per-sample weight gradient (samples stacked on
+    the channels of a batch of one; one call per sample), in both memory orders."""
+    torch.manual_seed(0)
+    a = torch.randn(4, conv.in_channels, *((11,) if isinstance(conv, nn.Conv1d) else (10, 9)))
+    d = torch.randn_like(conv(a))
+    params = {k: v.detach() for k, v in conv.named_parameters()}
+    want = vmap(
+        grad(lambda p, ai, di: (functional_call(conv, p, (ai[None],)) * di[None]).sum()),
+        in_dims=(None, 0, 0),
+    )(params, a, d)["weight"]
+    layouts = [(a, d)]
+    if a.dim() == 4:
+        layouts.append(tuple(t.contiguous(memory_format=torch.channels_last) for t in (a, d)))
+    for x, dd in layouts:
+        for way in (ConvRule._stacked_wgrad, ConvRule._per_sample_wgrad, ConvRule._grouped_wgrad):
+            torch.testing.assert_close(way(conv, x, dd), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("faster", ["stacked", "per_sample"])
+def test_grouped_weight_gradient_takes_the_way_measured_faster(faster, monkeypatch):
+    """Fed made-up timings, the choice is the faster way, kept for later calls of that shape."""
+    from adaptive.stats.rules import conv as conv_mod
+
+    clock = [0.0]
+    ran: list[str] = []
+
+    def fake(name, fn):
+        def run(module, a, d):
+            ran.append(name)
+            clock[0] += 1.0 if name == faster else 3.0
+            return fn(module, a, d)
+
+        return run
+
+    ways = {"stacked": ConvRule._stacked_wgrad, "per_sample": ConvRule._per_sample_wgrad}
+    monkeypatch.setattr(conv_mod, "_wgrad_ways", lambda: {n: fake(n, f) for n, f in ways.items()})
+    monkeypatch.setattr(conv_mod.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(conv_mod, "_WGRAD_WAY", {})
+    layer = nn.Conv2d(4, 4, 3, groups=4)
+    a, d = torch.randn(3, 4, 6, 6), torch.randn(3, 4, 4, 4)
+    ConvRule._grouped_wgrad(layer, a, d)
+    assert list(conv_mod._WGRAD_WAY.values()) == [faster]
+    ran.clear()
+    ConvRule._grouped_wgrad(layer, a, d)
+    assert ran == [faster]

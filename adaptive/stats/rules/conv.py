@@ -17,6 +17,7 @@ gradient summed over positions.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +35,53 @@ from adaptive.stats.rules.grouped import (
 
 __all__ = ["ConvRule"]
 
+# ConvRule._grouped_wgrad's measured choice per call signature, for the process
+_WGRAD_WAY: dict[tuple, str] = {}
+
+
+def _wgrad_ways():
+    return {"stacked": ConvRule._stacked_wgrad, "per_sample": ConvRule._per_sample_wgrad}
+
 
 def _conv_bias_grads(d: Tensor) -> Tensor:
     """Per-sample conv bias gradients ``(b, C_out)``: the output gradient summed over positions."""
     return d.float().reshape(d.shape[0], d.shape[1], -1).sum(-1)
+
+
+def _batch_grads(
+    module: nn.Module, a: Tensor, d: Tensor, names: frozenset[str]
+) -> dict[str, Tensor]:
+    """The batch gradients of ``names`` as autograd computes them (``convolution_backward``)."""
+    pads = module._reversed_padding_repeated_twice  # (left, right) per dim, last dim first
+    if module.padding_mode == "zeros" and pads[::2] == pads[1::2]:
+        # as autograd calls it: the input unpadded, the padding an argument (an explicitly
+        # padded copy costs the weight gradient about 20% more, which would bias the choice)
+        x, dd = a.float(), d.float()
+        stride, dilation = list(module.stride), list(module.dilation)
+        padding = list(pads[::2])[::-1]
+    else:
+        x, dd, _, dilation, stride = ConvRule._as_2d(module, a, d)
+        stride, dilation, padding = list(stride), list(dilation), [0] * len(stride)
+    weight = x.new_empty(()).expand(*module.weight.shape)
+    _, w, bias = torch.ops.aten.convolution_backward(
+        dd,
+        x,
+        weight if weight.dim() == x.dim() else weight.unsqueeze(2),
+        [dd.shape[1]] if "bias" in names else None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0] * len(stride),
+        module.groups,
+        [False, "weight" in names, "bias" in names],
+    )
+    out = {}
+    if "weight" in names:
+        out["weight"] = w.reshape(module.weight.shape)
+    if "bias" in names:
+        out["bias"] = bias
+    return out
 
 
 def _padded_2d(conv: nn.Module, a: Tensor) -> tuple[Tensor, tuple, tuple, tuple]:
@@ -94,13 +138,24 @@ class ConvRule(_GroupedMatmulRule):
         d = d.float()
         return x, d.unsqueeze(2) if isinstance(conv, nn.Conv1d) else d, kernel, dilation, stride
 
+    @staticmethod
+    def _materialised_cheaper(module: nn.Module, d: Tensor) -> bool:
+        """The materialised form costs less than the Gram form (per group: ``T·n_in·n_out``
+        against ``T²(n_in + n_out)``)."""
+        positions = d[0, 0].numel()
+        n_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+        n_out = module.out_channels // module.groups
+        return positions * (n_in + n_out) >= n_in * n_out
+
     def _use_direct(self, module: nn.Module, d: Tensor) -> bool:
         """groups == 1 and the materialised form is cheaper than the Gram form."""
-        if module.groups != 1:
-            return False
-        positions = d[0, 0].numel()
-        n_in = module.in_channels * math.prod(module.kernel_size)
-        return positions * (n_in + module.out_channels) >= n_in * module.out_channels
+        return module.groups == 1 and self._materialised_cheaper(module, d)
+
+    def _use_grouped_wgrad(self, module: nn.Module, d: Tensor) -> bool:
+        """groups > 1 and the materialised form is cheaper: the convolution library's weight
+        gradient over ``b·groups`` groups, rather than the im2col operands of the grouped-matmul
+        form (a depthwise 7×7 layer's im2col copy is 49 times its input)."""
+        return module.groups != 1 and self._materialised_cheaper(module, d)
 
     def _direct(self, module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
         """Per-sample weight gradients as one grouped convolution, shape (C_in, b, C_out, kh, kw).
@@ -123,36 +178,7 @@ class ConvRule(_GroupedMatmulRule):
         return g[..., : kernel[0], : kernel[1]].reshape(c, b, o, kernel[0], kernel[1])
 
     def batch_grads(self, module, a, d, names):
-        pads = module._reversed_padding_repeated_twice  # (left, right) per dim, last dim first
-        if module.padding_mode == "zeros" and pads[::2] == pads[1::2]:
-            # as autograd calls it: the input unpadded, the padding an argument (an explicitly
-            # padded copy costs the weight gradient about 20% more, which would bias the choice)
-            x, dd = a.float(), d.float()
-            stride, dilation = list(module.stride), list(module.dilation)
-            padding = list(pads[::2])[::-1]
-        else:
-            x, dd, _, dilation, stride = self._as_2d(module, a, d)
-            stride, dilation, padding = list(stride), list(dilation), [0] * len(stride)
-        weight = x.new_empty(()).expand(*module.weight.shape)
-        _, w, bias = torch.ops.aten.convolution_backward(
-            dd,
-            x,
-            weight if weight.dim() == x.dim() else weight.unsqueeze(2),
-            [dd.shape[1]] if "bias" in names else None,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0] * len(stride),
-            module.groups,
-            [False, "weight" in names, "bias" in names],
-        )
-        out = {}
-        if "weight" in names:
-            out["weight"] = w.reshape(module.weight.shape)
-        if "bias" in names:
-            out["bias"] = bias
-        return out
+        return _batch_grads(module, a, d, names)
 
     def paths(self, module, a, names=frozenset({"weight", "bias"})):
         if "weight" not in names:
@@ -184,7 +210,8 @@ class ConvRule(_GroupedMatmulRule):
 
     def elements_per_sample(self, module, a, d, names, workspace):
         n = super().elements_per_sample(module, a, d, names, workspace)
-        if workspace and "weight" in names:  # the im2col operand and a channels-last input copy
+        if workspace and "weight" in names and module.groups == 1:
+            # the im2col operand and a channels-last input copy
             n += d[0, 0].numel() * module.weight[0].numel() * module.groups + a[0].numel()
         return n
 
@@ -239,10 +266,63 @@ class ConvRule(_GroupedMatmulRule):
 
     @staticmethod
     def _grouped_wgrad(module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
+        """Per-sample weight gradients ``(b, *weight.shape)`` by the convolution library's own
+        weight-gradient kernel, in one of two ways, whichever was measured faster for this call's
+        shapes, memory layout and thread count (timed once per process on CPU; on CUDA the first):
+
+        - ``"stacked"``: one convolution over a batch of one, the samples stacked on the channel
+          axis, ``groups = b·groups`` (sample i's output channels see only sample i's inputs);
+        - ``"per_sample"``: the layer's weight gradient for each sample alone, ``b`` calls.
+
+        Which wins depends on the library's kernels: oneDNN's depthwise weight gradient on a
+        channels-last batch of one runs several times slower than on a batch, so a ConvNeXt
+        depthwise 7×7 layer at 56², batch 32, takes 34 ms per sample against 112 ms stacked (two
+        threads, AVX-512), while in NCHW order the two cost the same, and small layers lose
+        ``b`` calls' overhead per sample."""
+        if a.device.type != "cpu":
+            return ConvRule._stacked_wgrad(module, a, d)
+        key = (
+            tuple(a.shape),
+            a.stride(),
+            tuple(d.shape),
+            d.stride(),
+            module.kernel_size,
+            module.stride,
+            module.dilation,
+            tuple(module._reversed_padding_repeated_twice),
+            module.padding_mode,
+            module.groups,
+            torch.get_num_threads(),
+        )
+        way = _WGRAD_WAY.get(key)
+        if way is not None:
+            return _wgrad_ways()[way](module, a, d)
+        timings: dict[str, float] = {}
+        results: dict[str, Tensor] = {}
+        for _ in range(2):  # the first round warms caches and workspaces
+            for name, fn in _wgrad_ways().items():
+                t0 = time.perf_counter()
+                results[name] = fn(module, a, d)
+                timings[name] = time.perf_counter() - t0
+        way = _WGRAD_WAY[key] = min(timings, key=timings.__getitem__)
+        return results[way]
+
+    @staticmethod
+    def _per_sample_wgrad(module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
+        """Each sample's weight gradient by its own ``convolution_backward`` call, stacked."""
+        names = frozenset(["weight"])
+        return torch.stack(
+            [
+                _batch_grads(module, a[i : i + 1], d[i : i + 1], names)["weight"]
+                for i in range(len(d))
+            ]
+        )
+
+    @staticmethod
+    def _stacked_wgrad(module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
         """Per-sample weight gradients ``(b, *weight.shape)`` as the weight gradient of one
         convolution over a batch of one, with the samples stacked on the channel axis and
-        ``groups = b·groups`` (sample i's output channels see only sample i's input channels), so
-        the convolution library's own weight-gradient kernel does all samples in one call."""
+        ``groups = b·groups``."""
         x, d, kernel, dilation, stride = ConvRule._as_2d(module, a, d)
         b, c = x.shape[:2]
         o = d.shape[1]
@@ -268,9 +348,13 @@ class ConvRule(_GroupedMatmulRule):
         res: dict[str, Tensor] = {}
         if "weight" in names:
             n_in = module.in_channels // module.groups * math.prod(module.kernel_size)
-            if out is not None:
+            if module.groups != 1:
+                # e.g. depthwise 7×7 at 56² (ConvNeXt): an im2col copy would hold 49 values per
+                # input value (0.8 GB at batch 32), the convolution library reads the input as is
+                w = self._grouped_wgrad(module, a, d)
+            elif out is not None:
                 w = self._im2col_bmm(module, a, d, out)
-            elif module.groups == 1 and n_in < self._DIRECT_MAX_INPUTS:
+            elif n_in < self._DIRECT_MAX_INPUTS:
                 w = self._direct(module, a, d)  # (C_in, b, C_out, kh, kw)
                 w = w.permute(1, 2, 0, 3, 4)  # (b, C_out, C_in, kh, kw), a view
                 if w.shape[2:] != module.weight.shape[1:]:  # Conv1d: drop the unit height
@@ -283,17 +367,28 @@ class ConvRule(_GroupedMatmulRule):
         return res
 
     def sq_norms(self, module, a, d, names):
-        if not self._use_direct(module, d) or triton_norms.applies(d):
+        if triton_norms.applies(d) or not (
+            self._use_direct(module, d) or self._use_grouped_wgrad(module, d)
+        ):
             return super().sq_norms(module, a, d, names)
         b = d.shape[0]
         out = torch.zeros(b, device=d.device, dtype=torch.float32)
-        if "weight" in names:
+        if "weight" in names and module.groups != 1:
+            out = out + self._grouped_wgrad(module, a, d).square().reshape(b, -1).sum(1)
+        elif "weight" in names:
             out = out + self._direct(module, a, d).square().transpose(0, 1).reshape(b, -1).sum(1)
         if "bias" in names:
             out = out + _conv_bias_grads(d).square().sum(1)
         return out
 
     def coordinate_sq(self, module, a, d, names):
+        if self._use_grouped_wgrad(module, d):
+            res = {}
+            if "weight" in names:
+                res["weight"] = self._grouped_wgrad(module, a, d).square().sum(0)
+            if "bias" in names:
+                res["bias"] = _conv_bias_grads(d).square().sum(0)
+            return res
         if not self._use_direct(module, d):
             return super().coordinate_sq(module, a, d, names)
         res: dict[str, Tensor] = {}
