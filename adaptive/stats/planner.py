@@ -244,6 +244,7 @@ class PathPlanner:
             module.extra_repr(),
             tuple(1 << max(0, n - 1).bit_length() for n in a.shape),
             a.is_contiguous(),
+            a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last),
             a.dtype,
             torch.get_num_threads(),
             native.target(),
