@@ -181,11 +181,14 @@ def test_depthwise_and_grouped_convs_are_exact_without_im2col(path, exact, monke
         nn.Conv2d(6, 6, 5, padding=2, groups=6),
         nn.Conv2d(4, 6, 3, stride=2, dilation=2, groups=2, padding=2, padding_mode="reflect"),
         nn.Conv1d(4, 4, 3, groups=4, padding=1),
+        nn.Conv2d(6, 4, (3, 2), stride=(2, 1), dilation=(1, 2), groups=2, padding=(1, 2)),
+        nn.Conv1d(6, 9, 4, stride=3, groups=3, padding=2, padding_mode="circular"),
     ],
 )
 def test_grouped_weight_gradient_ways_match_torch_func(conv):
-    """Both ways of the convolution library's per-sample weight gradient (samples stacked on
-    the channels of a batch of one; one call per sample), in both memory orders."""
+    """Every way of the per-sample weight gradient (a forward correlation with the output
+    gradients as kernels; the library's weight gradient with the samples stacked on the channels
+    of a batch of one; one call per sample), in both memory orders."""
     torch.manual_seed(0)
     a = torch.randn(4, conv.in_channels, *((11,) if isinstance(conv, nn.Conv1d) else (10, 9)))
     d = torch.randn_like(conv(a))
@@ -198,11 +201,16 @@ def test_grouped_weight_gradient_ways_match_torch_func(conv):
     if a.dim() == 4:
         layouts.append(tuple(t.contiguous(memory_format=torch.channels_last) for t in (a, d)))
     for x, dd in layouts:
-        for way in (ConvRule._stacked_wgrad, ConvRule._per_sample_wgrad, ConvRule._grouped_wgrad):
+        for way in (
+            ConvRule._correlate_wgrad,
+            ConvRule._stacked_wgrad,
+            ConvRule._per_sample_wgrad,
+            ConvRule._grouped_wgrad,
+        ):
             torch.testing.assert_close(way(conv, x, dd), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("faster", ["stacked", "per_sample"])
+@pytest.mark.parametrize("faster", ["correlate", "stacked", "per_sample"])
 def test_grouped_weight_gradient_takes_the_way_measured_faster(faster, monkeypatch):
     """Fed made-up timings, the choice is the faster way, kept for later calls of that shape."""
     from adaptive.stats.rules import conv as conv_mod
@@ -218,7 +226,11 @@ def test_grouped_weight_gradient_takes_the_way_measured_faster(faster, monkeypat
 
         return run
 
-    ways = {"stacked": ConvRule._stacked_wgrad, "per_sample": ConvRule._per_sample_wgrad}
+    ways = {
+        "correlate": ConvRule._correlate_wgrad,
+        "stacked": ConvRule._stacked_wgrad,
+        "per_sample": ConvRule._per_sample_wgrad,
+    }
     monkeypatch.setattr(conv_mod, "_wgrad_ways", lambda: {n: fake(n, f) for n, f in ways.items()})
     monkeypatch.setattr(conv_mod.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(conv_mod, "_WGRAD_WAY", {})
@@ -229,3 +241,32 @@ def test_grouped_weight_gradient_takes_the_way_measured_faster(faster, monkeypat
     ran.clear()
     ConvRule._grouped_wgrad(layer, a, d)
     assert ran == [faster]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_conv_per_sample_gradients_read_the_input_in_place(channels_last):
+    """A 1×1 stride-1 convolution is a Linear over positions: its per-sample gradients come from
+    one batched matmul on views of the input, without an im2col copy (no scratch slot is asked
+    for), in either memory order, and equal torch.func's."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 1)
+    a = torch.randn(4, 6, 7, 5)
+    d = torch.randn(4, 5, 7, 5)
+    if channels_last:
+        a, d = (t.contiguous(memory_format=torch.channels_last) for t in (a, d))
+    params = {k: v.detach() for k, v in conv.named_parameters()}
+    want = vmap(
+        grad(lambda p, ai, di: (functional_call(conv, p, (ai[None],)) * di[None]).sum()),
+        in_dims=(None, 0, 0),
+    )(params, a, d)["weight"]
+    slots: list[int] = []
+
+    def workspace(shape, slot=0):
+        slots.append(slot)
+        return torch.full(shape, float("nan"))
+
+    got = ConvRule().per_sample_params(conv, a, d, frozenset(["weight"]), workspace)["weight"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert slots == [0]
+    per = ConvRule().elements_per_sample(conv, a, d, frozenset(["weight"]), True)
+    assert per == conv.weight.numel()

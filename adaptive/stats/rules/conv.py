@@ -40,7 +40,11 @@ _WGRAD_WAY: dict[tuple, str] = {}
 
 
 def _wgrad_ways():
-    return {"stacked": ConvRule._stacked_wgrad, "per_sample": ConvRule._per_sample_wgrad}
+    return {
+        "correlate": ConvRule._correlate_wgrad,
+        "stacked": ConvRule._stacked_wgrad,
+        "per_sample": ConvRule._per_sample_wgrad,
+    }
 
 
 def _conv_bias_grads(d: Tensor) -> Tensor:
@@ -210,7 +214,8 @@ class ConvRule(_GroupedMatmulRule):
 
     def elements_per_sample(self, module, a, d, names, workspace):
         n = super().elements_per_sample(module, a, d, names, workspace)
-        if workspace and "weight" in names and module.groups == 1:
+        pointwise = math.prod(module.kernel_size) == 1 and math.prod(module.stride) == 1
+        if workspace and "weight" in names and module.groups == 1 and not pointwise:
             # the im2col operand and a channels-last input copy
             n += d[0, 0].numel() * module.weight[0].numel() * module.groups + a[0].numel()
         return n
@@ -239,6 +244,12 @@ class ConvRule(_GroupedMatmulRule):
         b, c, h, w = x.shape
         o, ho, wo = d.shape[1:]
         g = module.groups
+        if (kh, kw, sh, sw, g) == (1, 1, 1, 1, 1):
+            # a 1×1 convolution is a Linear over positions: the input is its own im2col, and
+            # (b, C, h·w) is a view of it in either memory order (NCHW or channels-last)
+            per = out((b, o, c))
+            torch.bmm(d.reshape(b, o, ho * wo), x.reshape(b, c, h * w).mT, out=per)
+            return per.view(b, *module.weight.shape)
         run_rows = wo if sw == 1 else 1
         run_channels = c * kw if rw == 1 else c
         if g == 1 and run_channels > run_rows:
@@ -270,15 +281,17 @@ class ConvRule(_GroupedMatmulRule):
         weight-gradient kernel, in one of two ways, whichever was measured faster for this call's
         shapes, memory layout and thread count (timed once per process on CPU; on CUDA the first):
 
-        - ``"stacked"``: one convolution over a batch of one, the samples stacked on the channel
-          axis, ``groups = b·groups`` (sample i's output channels see only sample i's inputs);
+        - ``"correlate"``: one forward convolution of the inputs with the output gradients as
+          kernels (:meth:`_correlate_wgrad`);
+        - ``"stacked"``: one weight gradient over a batch of one, the samples stacked on the
+          channel axis, ``groups = b·groups`` (sample i's output channels see only its inputs);
         - ``"per_sample"``: the layer's weight gradient for each sample alone, ``b`` calls.
 
-        Which wins depends on the library's kernels: oneDNN's depthwise weight gradient on a
-        channels-last batch of one runs several times slower than on a batch, so a ConvNeXt
-        depthwise 7×7 layer at 56², batch 32, takes 34 ms per sample against 112 ms stacked (two
-        threads, AVX-512), while in NCHW order the two cost the same, and small layers lose
-        ``b`` calls' overhead per sample."""
+        Which wins depends on the library's kernels. A ConvNeXt depthwise 7×7 layer at 56²,
+        batch 32, two threads, AVX-512 (oneDNN): correlate 8 ms, stacked 97 ms, the layer's own
+        batch weight gradient 98 ms in NCHW order; in channels-last order per sample 34 ms against
+        112 ms stacked (the library's depthwise weight gradient on a batch of one is slow), while
+        small layers lose ``b`` calls' overhead per sample."""
         if a.device.type != "cpu":
             return ConvRule._stacked_wgrad(module, a, d)
         key = (
@@ -306,6 +319,25 @@ class ConvRule(_GroupedMatmulRule):
                 timings[name] = time.perf_counter() - t0
         way = _WGRAD_WAY[key] = min(timings, key=timings.__getitem__)
         return results[way]
+
+    @staticmethod
+    def _correlate_wgrad(module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
+        """Per-sample weight gradients ``(b, *weight.shape)`` as one forward convolution:
+        ``G_i[o,c,u,v] = Σ_{p,q} δ_i[o,p,q]·a_i[c, p·s + u·r, q·s + v·r]`` correlates each of
+        sample i's input channels with its own output gradient as the kernel (dilated by the
+        stride s, evaluated with stride r), with ``b·groups`` groups (sample i's group j sees
+        only its own channels) and a group's ``C_in / groups`` input channels on the batch axis.
+        For a depthwise layer that is a depthwise forward convolution, which the convolution
+        library runs several times faster than its own depthwise weight gradient."""
+        x, d4, (kh, kw), dilation, stride = ConvRule._as_2d(module, a, d)
+        b, c = x.shape[:2]
+        o, g = d4.shape[1], module.groups
+        k = c // g
+        inputs = x.reshape(b * g, k, *x.shape[2:]).transpose(0, 1).contiguous()
+        kernels = d4.reshape(b * o, 1, *d4.shape[2:]).contiguous()
+        out = F.conv2d(inputs, kernels, groups=b * g, dilation=stride, stride=dilation)
+        out = out[..., :kh, :kw].reshape(k, b, o, kh, kw).permute(1, 2, 0, 3, 4)
+        return out.reshape(b, *module.weight.shape)
 
     @staticmethod
     def _per_sample_wgrad(module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
