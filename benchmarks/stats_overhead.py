@@ -30,6 +30,9 @@ statistics) of:
 Models: ``cnn`` (a small CNN on 28×28 inputs) and ``block`` (a small pre-norm transformer block
 with Embedding, LayerNorm, attention and sequence-axis Linear layers; BackPACK has no LayerNorm,
 so it is skipped there); ``resnet18gn`` (ResNet-18 with GroupNorm, 32×32 inputs) for a GPU.
+``zoo`` (issue 17): tiny transformers Llama, timm ViT and ConvNeXt, whose steps take tens of
+milliseconds; ``zoo-full``: the Llama of ``examples/lm_pretrain.py`` (width 256, 4 layers,
+sequence 256), timm ``vit_tiny_patch16_224`` and ``convnext_atto`` at 224² (also channels-last).
 
 Per round, each method runs ``--steps`` timed steps after a warm-up; the ratio to ``plain`` is
 taken within the round, and the median over rounds is reported. On a CPU shared with other
@@ -47,6 +50,8 @@ process as a user runs it.
 Usage::
 
     python benchmarks/stats_overhead.py --device cpu --rounds 7 --steps 5
+    python benchmarks/stats_overhead.py --models zoo-full --rounds 5 --steps 1 --threads 2 \
+        --clock wall --keep-freed-memory --out benchmarks/results/stats_overhead_zoo_full
 """
 
 from __future__ import annotations
