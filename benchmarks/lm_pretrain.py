@@ -97,7 +97,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model and budget: a dry run")
     p.add_argument("--plan", action="store_true", help="list the runs, train nothing")
     p.add_argument("--tokens-per-second", type=float, default=None, help="for --plan's estimate")
+    p.add_argument(
+        "--stop-after",
+        type=float,
+        default=None,
+        help="seconds: start no run that, at the longest run time seen in this process, would "
+        "end later; the runs done stay in <name>.partial.json for --resume (a lent machine's "
+        "time limit)",
+    )
+    p.add_argument(
+        "--prepare-data",
+        action="store_true",
+        help="only parse the corpora into --cache (for a machine that has the cache, not them)",
+    )
     return p
+
+
+class OutOfTime(Exception):
+    """--stop-after: the next run would not finish in time."""
+
+
+_clock = time.perf_counter  # --stop-after's clock (a test drives it)
 
 
 def base_config(args: argparse.Namespace) -> Any:
@@ -367,6 +387,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser().error(f"--growth-rules: {rule!r} is not one of {list(lm.GROWTH[1:])}")
     if args.tune_seed not in args.seeds:
         parser().error(f"--tune-seed {args.tune_seed} must be one of --seeds {args.seeds}")
+    if args.stop_after is not None and args.stop_after <= 0:
+        parser().error(f"--stop-after must be positive seconds, got {args.stop_after}")
+    if args.prepare_data:
+        if args.cache is None:
+            parser().error("--prepare-data needs --cache FILE.npz")
+        lm.split_domains(args.train_bytes, args.heldout_bytes, cache=args.cache)
+        print(f"wrote {args.cache}")
+        return {"cache": str(args.cache)}
+    started = _clock()
     name = args.name or ("lm_pretrain_quick" if args.quick else "lm_pretrain")
     base = base_config(args)
     placeholder = dict.fromkeys(SIZES, args.lrs[0])
@@ -406,10 +435,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     sizes = dict(zip(SIZES, args.batch_sizes, strict=True))
 
+    longest = [0.0]  # the longest run trained by this process, seconds
+
     def run(cfg) -> dict:
         if cfg.name in done:
             return done[cfg.name]
+        if args.stop_after is not None and _clock() - started + longest[0] > args.stop_after:
+            raise OutOfTime(cfg.name)
+        t_run = _clock()
         rec = lm.train(cfg, splits, progress=False)
+        longest[0] = max(longest[0], _clock() - t_run)
         rec.pop("train")  # per-batch rows: kept out of the summary file
         rec["sizes"] = sizes
         done[cfg.name] = rec
@@ -421,6 +456,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         return rec
 
+    try:
+        return _grid(args, name, base, sizes, run, partial, tqdm)
+    except OutOfTime as stop:
+        print(
+            f"--stop-after {args.stop_after:.0f} s: stopped before {stop}; {len(done)} runs "
+            f"done, kept in {partial} (go on with --resume)",
+            file=sys.stderr,
+        )
+        return {"stopped_before": str(stop), "runs_done": len(done)}
+
+
+def _grid(args, name, base, sizes, run, partial, tqdm) -> dict[str, Any]:
+    """The tuning runs, the grid, and the result files (every run through ``run``)."""
     t0 = time.perf_counter()
     tuning, best_lr = [], {}
     for size in SIZES:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -121,3 +124,54 @@ def test_quick_dry_run_writes_the_schema(tmp_path):
     steps = {n: saved["summary"][n]["steps_mean"] for n in ("fixed-small", "fixed-large")}
     assert steps["fixed-large"] < steps["fixed-small"]
     assert result["goals"]  # the closing verdicts are written
+
+
+@pytest.mark.skipif(
+    bool(MISSING), reason=f"text packages missing: apt-get install -y {' '.join(MISSING)}"
+)
+def test_stop_after_keeps_the_runs_done_for_resume(tmp_path, monkeypatch):
+    """``--stop-after`` (a lent machine's time limit) starts no run that would end past it, at
+    the longest run time seen, and leaves the runs done in the partial file for ``--resume``;
+    ``--prepare-data`` writes the cache a machine without the corpora reads."""
+    pytest.importorskip("rdata", reason="pip install rdata")
+    cache = tmp_path / "c.npz"
+    assert bench.main(["--quick", "--prepare-data", "--cache", str(cache)]) == {"cache": str(cache)}
+    assert cache.stat().st_size > 0
+    ticks = iter(range(0, 10_000, 10))  # every reading of the clock: 10 s later
+    monkeypatch.setattr(bench, "_clock", lambda: next(ticks))
+    common = ["--quick", "--seeds", "0", "--lrs", "0.002", "--growth-rules", "norm"]
+    common += ["--out", str(tmp_path), "--cache", str(cache)]
+    # start 0; run 1: checked at 10 (10 + 0 ≤ 25), 20 s to 30, longest 10; run 2 checked at
+    # 40: 40 + 10 > 25, so it does not start
+    got = bench.main([*common, "--stop-after", "25"])
+    assert got["runs_done"] == 1 and got["stopped_before"]
+    partial = json.loads((tmp_path / "lm_pretrain_quick.partial.json").read_text())["runs"]
+    assert len(partial) == 1
+    assert not (tmp_path / "lm_pretrain_quick.json").exists()
+    with pytest.raises(SystemExit):
+        bench.main([*common, "--stop-after", "0"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    bool(MISSING) or shutil.which("bash") is None or shutil.which("timeout") is None,
+    reason="needs the text packages, bash and coreutils' timeout",
+)
+def test_gpu_script_dry_run(tmp_path):
+    """``bash benchmarks/lm_pretrain_gpu.sh --smoke``: the lent machine's steps on CPU (the
+    environment line, the resumable grid under --stop-after, the result files)."""
+    pytest.importorskip("rdata", reason="pip install rdata")
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
+    out = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "lm_pretrain_gpu.sh"), "--smoke", "--limit", "600"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "torch" in (tmp_path / "env.txt").read_text()
+    saved = json.loads((tmp_path / "lm_pretrain_quick.json").read_text())
+    assert len(saved["runs"]) == 2 * (3 + 1 + 1 * 2)
+    assert "grid complete" in out.stdout
