@@ -251,22 +251,20 @@ def timm_convnext_atto() -> nn.Module:
 
 
 def llama_lm_pretrain() -> nn.Module:
-    """The causal LM of ``examples/lm_pretrain.py`` (issue 21): transformers Llama, byte vocabulary,
-    4 layers, width 256, 4 heads, untied head."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The causal LM of ``examples/lm_pretrain.py`` (issue 21), built by that example: transformers
+    Llama, byte vocabulary, 4 layers, width 256, 4 heads, context 256, untied head."""
+    import importlib.util
+    import sys
 
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    return _HFLogits(LlamaForCausalLM(cfg))
+    name = "example_lm_pretrain"
+    example = sys.modules.get(name)
+    if example is None:
+        path = Path(__file__).resolve().parents[1] / "examples" / "lm_pretrain.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        example = importlib.util.module_from_spec(spec)
+        sys.modules[name] = example  # its dataclasses look their module up while defined
+        spec.loader.exec_module(example)
+    return _HFLogits(example.build_model(layers=4, width=256, heads=4, context=256))
 
 
 def timm_vit_tiny_224() -> nn.Module:
