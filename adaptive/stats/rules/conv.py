@@ -161,25 +161,26 @@ class ConvRule(_GroupedMatmulRule):
         form (a depthwise 7×7 layer's im2col copy is 49 times its input)."""
         return module.groups != 1 and self._materialised_cheaper(module, d)
 
-    def _direct(self, module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
-        """Per-sample weight gradients as one grouped convolution, shape (C_in, b, C_out, kh, kw).
+    @staticmethod
+    def _correlate(module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
+        """Per-sample weight gradients as one forward convolution, shape
+        ``(C_in / groups, b, C_out, kh, kw)``.
 
         ``G_i[o,c,u,v] = Σ_{p,q} δ_i[o,p,q]·a_i[c, p·s + u·r, q·s + v·r]`` (stride s, dilation r)
         is a cross-correlation of sample i's input channels with its own output gradient used as
-        a kernel dilated by s, evaluated with stride r; putting the samples on the channel axis
-        with ``groups=b`` does all samples in one call, without the im2col copy.
+        a kernel dilated by s, evaluated with stride r. With the samples on the channel axis and
+        ``b·groups`` groups (sample i's group j sees only its own channels), and a group's
+        ``C_in / groups`` input channels on the batch axis, one call does every sample, without
+        an im2col copy. For a depthwise layer it is a depthwise forward convolution, which the
+        convolution library runs several times faster than its own depthwise weight gradient.
         """
-        a4, d4, kernel, dilation, stride = self._as_2d(module, a, d)
-        b, c = a4.shape[:2]
-        o = d4.shape[1]
-        g = F.conv2d(
-            a4.transpose(0, 1),
-            d4.reshape(b * o, 1, *d4.shape[2:]),
-            groups=b,
-            dilation=stride,
-            stride=dilation,
-        )
-        return g[..., : kernel[0], : kernel[1]].reshape(c, b, o, kernel[0], kernel[1])
+        x, d4, (kh, kw), dilation, stride = ConvRule._as_2d(module, a, d)
+        b, c = x.shape[:2]
+        o, g = d4.shape[1], module.groups
+        inputs = x.reshape(b * g, c // g, *x.shape[2:]).transpose(0, 1)
+        kernels = d4.reshape(b * o, 1, *d4.shape[2:])
+        out = F.conv2d(inputs, kernels, groups=b * g, dilation=stride, stride=dilation)
+        return out[..., :kh, :kw].reshape(c // g, b, o, kh, kw)
 
     def batch_grads(self, module, a, d, names):
         return _batch_grads(module, a, d, names)
@@ -221,7 +222,7 @@ class ConvRule(_GroupedMatmulRule):
         return n
 
     # Without a workspace (CUDA), below this many inputs per output channel (C_in·kh·kw / groups)
-    # the grouped convolution of ``_direct`` beats the grouped weight gradient (measured on CPU,
+    # the forward convolution of ``_correlate`` beats the grouped weight gradient (measured on CPU,
     # before the workspace path: 1 input channel, 5×5 kernel).
     _DIRECT_MAX_INPUTS = 64
 
@@ -277,12 +278,12 @@ class ConvRule(_GroupedMatmulRule):
 
     @staticmethod
     def _grouped_wgrad(module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
-        """Per-sample weight gradients ``(b, *weight.shape)`` by the convolution library's own
-        weight-gradient kernel, in one of two ways, whichever was measured faster for this call's
-        shapes, memory layout and thread count (timed once per process on CPU; on CUDA the first):
+        """Per-sample weight gradients ``(b, *weight.shape)`` from the convolution library, in
+        one of three ways, whichever was measured fastest for this call's shapes, memory layout
+        and thread count (timed once per process on CPU; on CUDA, ``"stacked"``):
 
         - ``"correlate"``: one forward convolution of the inputs with the output gradients as
-          kernels (:meth:`_correlate_wgrad`);
+          kernels (:meth:`_correlate`);
         - ``"stacked"``: one weight gradient over a batch of one, the samples stacked on the
           channel axis, ``groups = b·groups`` (sample i's output channels see only its inputs);
         - ``"per_sample"``: the layer's weight gradient for each sample alone, ``b`` calls.
@@ -322,22 +323,9 @@ class ConvRule(_GroupedMatmulRule):
 
     @staticmethod
     def _correlate_wgrad(module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
-        """Per-sample weight gradients ``(b, *weight.shape)`` as one forward convolution:
-        ``G_i[o,c,u,v] = Σ_{p,q} δ_i[o,p,q]·a_i[c, p·s + u·r, q·s + v·r]`` correlates each of
-        sample i's input channels with its own output gradient as the kernel (dilated by the
-        stride s, evaluated with stride r), with ``b·groups`` groups (sample i's group j sees
-        only its own channels) and a group's ``C_in / groups`` input channels on the batch axis.
-        For a depthwise layer that is a depthwise forward convolution, which the convolution
-        library runs several times faster than its own depthwise weight gradient."""
-        x, d4, (kh, kw), dilation, stride = ConvRule._as_2d(module, a, d)
-        b, c = x.shape[:2]
-        o, g = d4.shape[1], module.groups
-        k = c // g
-        inputs = x.reshape(b * g, k, *x.shape[2:]).transpose(0, 1).contiguous()
-        kernels = d4.reshape(b * o, 1, *d4.shape[2:]).contiguous()
-        out = F.conv2d(inputs, kernels, groups=b * g, dilation=stride, stride=dilation)
-        out = out[..., :kh, :kw].reshape(k, b, o, kh, kw).permute(1, 2, 0, 3, 4)
-        return out.reshape(b, *module.weight.shape)
+        """:meth:`_correlate` as ``(b, *weight.shape)``."""
+        g = ConvRule._correlate(module, a, d)
+        return g.permute(1, 2, 0, 3, 4).reshape(d.shape[0], *module.weight.shape)
 
     @staticmethod
     def _per_sample_wgrad(module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
@@ -387,7 +375,7 @@ class ConvRule(_GroupedMatmulRule):
             elif out is not None:
                 w = self._im2col_bmm(module, a, d, out)
             elif n_in < self._DIRECT_MAX_INPUTS:
-                w = self._direct(module, a, d)  # (C_in, b, C_out, kh, kw)
+                w = self._correlate(module, a, d)  # (C_in, b, C_out, kh, kw)
                 w = w.permute(1, 2, 0, 3, 4)  # (b, C_out, C_in, kh, kw), a view
                 if w.shape[2:] != module.weight.shape[1:]:  # Conv1d: drop the unit height
                     w = w.reshape(b, *module.weight.shape)
@@ -408,7 +396,7 @@ class ConvRule(_GroupedMatmulRule):
         if "weight" in names and module.groups != 1:
             out = out + self._grouped_wgrad(module, a, d).square().reshape(b, -1).sum(1)
         elif "weight" in names:
-            out = out + self._direct(module, a, d).square().transpose(0, 1).reshape(b, -1).sum(1)
+            out = out + self._correlate(module, a, d).square().transpose(0, 1).reshape(b, -1).sum(1)
         if "bias" in names:
             out = out + _conv_bias_grads(d).square().sum(1)
         return out
@@ -425,7 +413,7 @@ class ConvRule(_GroupedMatmulRule):
             return super().coordinate_sq(module, a, d, names)
         res: dict[str, Tensor] = {}
         if "weight" in names:
-            sq = self._direct(module, a, d).square().sum(1)  # (C_in, C_out, kh, kw)
+            sq = self._correlate(module, a, d).square().sum(1)  # (C_in, C_out, kh, kw)
             res["weight"] = sq.transpose(0, 1).reshape(module.weight.shape)
         if "bias" in names:
             res["bias"] = _conv_bias_grads(d).square().sum(0)
