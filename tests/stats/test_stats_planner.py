@@ -343,7 +343,7 @@ def test_the_torch_path_timing_computes_autograds_gradients(layer):
         torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_hopeless_and_untried_candidates_cost_one_run_or_none():
+def test_hopeless_and_untried_candidates_cost_two_runs_or_none():
     clock = Clock({"native": 1e-3, "torch": 1.5e-3, "materialise": 10e-3})
     calls: list[str] = []
 
@@ -363,8 +363,8 @@ def test_hopeless_and_untried_candidates_cost_one_run_or_none():
         "fc", layer, a, key, {p: counted(p) for p in ("native", "torch", "materialise")}
     )
     assert path == "native"
-    # materialise (10× the fastest warm-up) ran once; the others 1 + repeats times
-    assert calls.count("materialise") == 1 and calls.count("native") == calls.count("torch") == 4
+    # materialise (10× the fastest warm-up, twice) ran twice; the others 1 + repeats times
+    assert calls.count("materialise") == 2 and calls.count("native") == calls.count("torch") == 4
     # a candidate not worth trying (None) counts as infinitely slow, and is not measured again
     _, key = plan.choose("fc", layer, torch.zeros(2, 9, 4), ("native", "torch", "materialise"), ())
     runs = {"native": counted("native"), "torch": counted("torch"), "materialise": None}
@@ -376,3 +376,25 @@ def test_hopeless_and_untried_candidates_cost_one_run_or_none():
         "native",
         None,
     )
+
+
+def test_a_one_time_cost_in_the_first_run_does_not_drop_the_fastest_path():
+    """A path whose first run paid a one-time cost (an inner choice measured once, a workspace)
+    gets a second run before the warm-up cutoff drops it, and wins on its real time."""
+    clock = Clock({"torch": 2e-3, "materialise": 1e-3})
+    first = [True]
+
+    def materialise():
+        clock.now += 20e-3 if first[0] else 1e-3  # 20× torch once, then the faster path
+        first[0] = False
+        return "materialise"
+
+    plan = PathPlanner(timer=clock, repeats=2)
+    layer, a = torch.nn.Conv2d(4, 4, 3, groups=4), torch.zeros(2, 4, 6, 6)
+    _, key = plan.choose("dw", layer, a, ("materialise", "torch"), ())
+    path, result = plan.measure(
+        "dw", layer, a, key, {"materialise": materialise, "torch": clock.run("torch")}
+    )
+    assert path == result == "materialise"
+    got = plan.plan()[0].timings_ms
+    assert got == pytest.approx({"materialise": 1.0, "torch": 2.0})
