@@ -295,11 +295,13 @@ class ConvRule(_GroupedMatmulRule):
         small layers lose ``b`` calls' overhead per sample."""
         if a.device.type != "cpu":
             return ConvRule._stacked_wgrad(module, a, d)
+        # as the planner's key: sizes rounded up to powers of two (inputs of varying size are
+        # measured a few times, not at every size) and the memory order
         key = (
-            tuple(a.shape),
-            a.stride(),
-            tuple(d.shape),
-            d.stride(),
+            tuple(1 << max(0, n - 1).bit_length() for n in (*a.shape, *d.shape)),
+            a.is_contiguous(),
+            a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last),
+            d.is_contiguous(),
             module.kernel_size,
             module.stride,
             module.dilation,
