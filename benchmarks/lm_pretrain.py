@@ -4,8 +4,9 @@ Runs the grid of ``examples/lm_pretrain.py`` (a transformers Llama trained from 
 text domains, byte-level, WSD schedule clocked in tokens) at one token budget per run:
 
 1. tuning, on validation: each fixed batch (small, medium, large) at each learning rate of a
-   three-point grid, one seed (``--tune-seed``); the lr with the lowest validation target-mix
-   loss is kept for that batch. Growth runs start at the small batch with the small batch's lr.
+   three-point grid, one seed (``--tune-seed``); where the lowest validation target-mix loss
+   falls on the grid's edge, the grid grows a step that way (up to ``--lr-extensions`` times),
+   so the kept lr is bracketed. Growth runs start at the small batch with the small batch's lr.
 2. the grid, over ``--seeds`` (the tuning seed's runs are reused): fixed small / medium / large
    at their lrs, uniform mixing; fixed small with the mixture rule; every growth rule
    (``norm`` and ``inner_product``: AdaptiveBatchSize; ``warmup``: the doubling warmup of Merrill
@@ -37,6 +38,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,13 @@ def parser() -> argparse.ArgumentParser:
     # 5M-token runs at 1e-3 / 2e-3 / 4e-3 had their lowest validation loss at 1e-3 for the small
     # and the medium batch (the grid's edge), so the grid goes one step lower
     p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3])
+    p.add_argument(
+        "--lr-extensions",
+        type=int,
+        default=2,
+        help="steps the lr grid may grow by, one at a time, toward an edge that holds the best "
+        "validation loss (default: 2)",
+    )
     p.add_argument(
         "--growth-rules", nargs="+", default=["norm", "inner_product", "warmup", "noise_scale"]
     )
@@ -170,6 +179,24 @@ def make(
     cfg.name = f"{config_name(growth, size, mixture)}-lr{lr:g}-s{seed}"
     cfg.check()
     return cfg
+
+
+def bracket_lr(
+    val: dict[float, float], val_loss_at: Callable[[float], float], extensions: int
+) -> dict[float, float]:
+    """``val`` (lr -> validation loss) grown one grid step at a time (the ratio of its two lowest
+    lrs) past whichever edge holds the lowest loss, at most ``extensions`` times, until the best
+    lr has a neighbour on each side: a best lr on the grid's edge is not bracketed."""
+    val = dict(val)
+    for _ in range(extensions):
+        lrs = sorted(val)
+        best = min(val, key=val.get)
+        if len(lrs) < 2 or lrs[0] < best < lrs[-1]:
+            break
+        step = lrs[1] / lrs[0]
+        lr = best / step if best == lrs[0] else best * step
+        val[lr] = val_loss_at(lr)
+    return val
 
 
 def tuning_jobs(base, args):
@@ -387,6 +414,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for rule in args.growth_rules:
         if rule not in lm.GROWTH[1:]:
             parser().error(f"--growth-rules: {rule!r} is not one of {list(lm.GROWTH[1:])}")
+    if args.lr_extensions < 0:
+        parser().error(f"--lr-extensions must be 0 or more, got {args.lr_extensions}")
     if args.tune_seed not in args.seeds:
         parser().error(f"--tune-seed {args.tune_seed} must be one of --seeds {args.seeds}")
     if args.stop_after is not None and args.stop_after <= 0:
@@ -410,7 +439,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
         n = len(tune) + len(grid)
         tokens = sum((j.tokens // j.context) * j.context for j in tune + grid)
-        print(f"{len(tune)} tuning runs + {len(grid)} grid runs = {n} runs, {tokens:,} tokens")
+        print(
+            f"{len(tune)} tuning runs + {len(grid)} grid runs = {n} runs, {tokens:,} tokens "
+            f"(and up to {args.lr_extensions} more tuning runs per batch size where the best lr "
+            "is on the grid's edge)"
+        )
         if args.tokens_per_second:
             print(
                 f"estimated {tokens / args.tokens_per_second / 3600:.1f} h of training "
@@ -482,6 +515,21 @@ def _grid(args, name, base, sizes, run, partial, tqdm) -> dict[str, Any]:
             )
         ]
         val = {r["config"]["lr"]: r["val_loss"] for r in recs}
+        val = bracket_lr(
+            val,
+            lambda lr, size=size: run(
+                make(
+                    base,
+                    args,
+                    growth="none",
+                    size=size,
+                    lr=lr,
+                    mixture="uniform",
+                    seed=args.tune_seed,
+                )
+            )["val_loss"],
+            args.lr_extensions,
+        )
         best_lr[size] = min(val, key=val.get)
         tuning.append(
             {"size": size, "batch_size": sizes[size], "val": val, "best_lr": best_lr[size]}

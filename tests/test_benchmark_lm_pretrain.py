@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -104,7 +105,11 @@ def test_quick_dry_run_writes_the_schema(tmp_path):
     # the lr of each fixed batch is the validation argmin of its tuning runs
     for t in saved["tuning"]:
         assert t["best_lr"] == float(min(t["val"], key=lambda k: t["val"][k]))
-        assert set(map(float, t["val"])) == {0.002, 0.004}
+        lrs = sorted(map(float, t["val"]))
+        assert {0.002, 0.004} <= set(lrs) and len(lrs) <= 2 + 2  # at most 2 edge extensions
+        for lo, hi in itertools.pairwise(lrs):  # a grid of ×2 steps
+            assert math.isclose(hi / lo, 2.0)
+        assert lrs[0] < t["best_lr"] < lrs[-1] or len(lrs) == 4  # bracketed, or out of steps
     # the threshold is the mean final test loss of the best fixed configuration
     fixed = {
         n: s["test_loss_mean"]
@@ -175,3 +180,35 @@ def test_gpu_script_dry_run(tmp_path):
     saved = json.loads((tmp_path / "lm_pretrain_quick.json").read_text())
     assert len(saved["runs"]) == 2 * (3 + 1 + 1 * 2)
     assert "grid complete" in out.stdout
+
+
+def test_bracket_lr_extends_the_grid_toward_the_best_edge():
+    """A best lr on the grid's edge gets neighbours a grid step (×2) beyond it, one at a time,
+    until it is bracketed or the extensions run out; an interior best adds nothing."""
+    tried: list[float] = []
+
+    def loss(lr, optimum):  # a bowl in log lr, lowest at the optimum
+        return (math.log2(lr) - math.log2(optimum)) ** 2
+
+    def runner(optimum):
+        def run(lr):
+            tried.append(lr)
+            return loss(lr, optimum)
+
+        return run
+
+    def grid(optimum):
+        return {lr: loss(lr, optimum) for lr in (1e-3, 2e-3, 4e-3)}
+
+    # best on the lower edge: 5e-4, then 2.5e-4 (the optimum), then 1.25e-4 brackets it
+    got = bench.bracket_lr(grid(2.5e-4), runner(2.5e-4), extensions=5)
+    assert tried == pytest.approx([5e-4, 2.5e-4, 1.25e-4])
+    assert min(got, key=got.get) == pytest.approx(2.5e-4)
+    # upper edge, one extension allowed: 8e-3 added, still on the edge, out of steps
+    tried.clear()
+    got = bench.bracket_lr(grid(3.2e-2), runner(3.2e-2), extensions=1)
+    assert tried == pytest.approx([8e-3]) and len(got) == 4
+    # an interior best: nothing to add, the input is returned unchanged
+    tried.clear()
+    assert bench.bracket_lr(grid(2e-3), runner(2e-3), extensions=2) == grid(2e-3)
+    assert tried == []
