@@ -199,12 +199,13 @@ def bracket_lr(
     return val
 
 
+def tuning_job(base, args, size: str, lr: float):
+    """A fixed batch ``size`` at ``lr``, uniform mixing, on the tuning seed."""
+    return make(base, args, growth="none", size=size, lr=lr, mixture="uniform", seed=args.tune_seed)
+
+
 def tuning_jobs(base, args):
-    return [
-        make(base, args, growth="none", size=size, lr=lr, mixture="uniform", seed=args.tune_seed)
-        for size in SIZES
-        for lr in args.lrs
-    ]
+    return [tuning_job(base, args, size, lr) for size in SIZES for lr in args.lrs]
 
 
 def grid_jobs(base, args, best_lr: dict[str, float]):
@@ -517,17 +518,7 @@ def _grid(args, name, base, sizes, run, partial, tqdm) -> dict[str, Any]:
         val = {r["config"]["lr"]: r["val_loss"] for r in recs}
         val = bracket_lr(
             val,
-            lambda lr, size=size: run(
-                make(
-                    base,
-                    args,
-                    growth="none",
-                    size=size,
-                    lr=lr,
-                    mixture="uniform",
-                    seed=args.tune_seed,
-                )
-            )["val_loss"],
+            lambda lr, size=size: run(tuning_job(base, args, size, lr))["val_loss"],
             args.lr_extensions,
         )
         best_lr[size] = min(val, key=val.get)
