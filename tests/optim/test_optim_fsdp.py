@@ -27,6 +27,7 @@ WORKER = textwrap.dedent(
     from torch import nn
     from torch.distributed.fsdp import fully_shard
     from adaptive.optim import AdaGradNorm, Lamb, Lars, param_groups_for
+    from tests.gloo_worker import finish
 
     torch.set_num_threads(1)
     rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -76,7 +77,7 @@ WORKER = textwrap.dedent(
         if isinstance(opt, AdaGradNorm):
             result[name]["b_squared"] = [opt.b_squared.item(), opt_ref.b_squared.item()]
     json.dump(result, open(f"{out}/rank{rank}.json", "w"))
-    dist.destroy_process_group()
+    finish()
     """
 )
 

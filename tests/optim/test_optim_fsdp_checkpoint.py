@@ -26,6 +26,7 @@ WORKER = textwrap.dedent(
     )
     from torch.distributed.fsdp import fully_shard
     from adaptive.optim import AdaGradNorm, Lamb, Lars, param_groups_for
+    from tests.gloo_worker import finish
 
     torch.set_num_threads(1)
     rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -84,7 +85,7 @@ WORKER = textwrap.dedent(
             "state_keys": sorted({k for st in osd["state"].values() for k in st}),
         }
     json.dump(result, open(f"{out}/rank{rank}.json", "w"))
-    dist.destroy_process_group()
+    finish()
     """
 )
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from adaptive.stats import GradientStatistics
+from tests.gloo_worker import finish
 
 HERE = Path(__file__).parent
 
@@ -78,7 +79,7 @@ def main() -> None:
         },
         f"{out}/rank{rank}.pt",
     )
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ WORKER = textwrap.dedent(
     from torch import nn
     from torch.distributed.fsdp import fully_shard
     from adaptive.stats import GradientStatistics
+    from tests.gloo_worker import finish
 
     rank, port, out, conftest = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     torch.set_num_threads(1)
@@ -77,7 +78,7 @@ WORKER = textwrap.dedent(
             },
         }
     torch.save(results, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    finish()
     """
 )
 
