@@ -44,10 +44,14 @@ _P = ctypes.c_void_p
 _L = ctypes.c_long
 _I = ctypes.c_int
 # d and its three strides, a, geometry, then the sizes (linear: b, t_len, o_len, n; conv: b,
-# o_len, n), then s, q (may be None), split, threads, norms, scratch
+# o_len, n), then s, q (may be None), the linear kernel's bias sums bs and bq (may be None),
+# split, threads, norms, (linear) copies, scratch
 _SIGNATURES = {
-    "adaptive_psg_linear": [_P, _L, _L, _L, _P, _P, _L, _L, _L, _L, _P, _P, _I, _I, _P, _P],
+    "adaptive_psg_linear": [_P, _L, _L, _L, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _I, _I, _P]
+    + [_P, _P],
     "adaptive_psg_conv": [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _P, _I, _I, _P, _P],
+    # b, t_len, o_len, n, coordinates, bias, split, threads, sizes (out)
+    "adaptive_psg_linear_sizes": [_L, _L, _L, _L, _I, _I, _I, _I, _P],
 }
 _lib: ctypes.CDLL | None = None
 _lib_target: str | None = None
@@ -67,7 +71,7 @@ TARGETS: dict[str, frozenset[str]] = {
 # The register blocking each build reports (VW·10⁴ + LIN_ROWS·1000 + LIN_NV·100 + CONV_OV·10 +
 # CONV_NR,
 # see _kernels.c): a check that a build is what its name says.
-_BLOCKING = {"avx512": 168228, "avx2": 86226}
+_BLOCKING = {"avx512": 166428, "avx2": 86226}
 
 # torch's own capability names, for systems without /proc/cpuinfo
 _TORCH_CAPABILITY = {
@@ -176,7 +180,7 @@ def _open(name: str) -> ctypes.CDLL:
         )
     lib = ctypes.CDLL(str(path))
     for fn, argtypes in _SIGNATURES.items():
-        getattr(lib, fn).restype = ctypes.c_int
+        getattr(lib, fn).restype = None if fn.endswith("_sizes") else ctypes.c_int
         getattr(lib, fn).argtypes = argtypes
     lib.adaptive_psg_blocking.restype = ctypes.c_int
     want = _BLOCKING.get(name)
@@ -301,10 +305,15 @@ def _run(
     return _finish(s, q, norms, used, split)
 
 
-def linear_sums_and_norms(a: Tensor, d: Tensor, out: Workspace, coordinates: bool = False) -> Sums:
-    """``(Σ_i G_i, ‖G_i‖², Σ_i G_i² or None)`` for a Linear layer: ``a`` (b, ..., N) input, ``d``
-    (b, ..., O) output gradient, float32 on CPU; shapes ``(O, N)``, ``(b,)`` and ``(O, N)`` (the
-    elementwise squares only with ``coordinates``)."""
+def linear_sums_and_norms(
+    a: Tensor, d: Tensor, out: Workspace, coordinates: bool = False, bias: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """``(Σ_i G_i, ‖G_i‖² (+ ‖β_i‖²), Σ_i G_i², Σ_i β_i, Σ_i β_i²)`` for a Linear layer: ``a``
+    (b, ..., N) input, ``d`` (b, ..., O) output gradient, float32 on CPU; shapes ``(O, N)``,
+    ``(b,)``, ``(O, N)``, ``(O,)`` and ``(O,)``. ``β_i = Σ_t δ_it`` is sample i's bias gradient,
+    computed only with ``bias`` (else the last two are None); the elementwise squares only with
+    ``coordinates``. The kernel writes its sums into new tensors (autograd keeps them as the
+    gradients) and adds the threads' parts itself."""
     lib = _load()
     assert lib is not None
     b, n, o = a.shape[0], a.shape[-1], d.shape[-1]
@@ -312,19 +321,43 @@ def linear_sums_and_norms(a: Tensor, d: Tensor, out: Workspace, coordinates: boo
     dd = d.reshape(b, -1, o)
     t_len = x.shape[1]
     padded = -(-n // 16) * 16
-    total, coords, norms = _run(
-        lib.adaptive_psg_linear,
-        dd,
-        (dd.stride(0), dd.stride(1), dd.stride(2)),
-        x,
-        [x.stride(0), x.stride(1), x.stride(2)],
-        [b, t_len, o, n],
-        (o, padded),
-        (t_len, padded),
-        out,
-        coordinates,
+    threads, split = _plan(b, o * padded, coordinates)
+    sizes = (ctypes.c_long * 2)()
+    lib.adaptive_psg_linear_sizes(
+        b, t_len, o, n, int(coordinates), int(bias), int(split), threads, sizes
     )
-    return total[:, :n], norms, None if coords is None else coords[:, :n]
+    copies = out((max(1, sizes[0]),), slot=0)
+    scratch = out((sizes[1],), slot=1)
+    total = torch.empty(o, padded, dtype=torch.float32)
+    squares = torch.empty(o, padded, dtype=torch.float32) if coordinates else None
+    bias_sum = torch.empty(o, dtype=torch.float32) if bias else None
+    bias_squares = torch.empty(o, dtype=torch.float32) if bias and coordinates else None
+    norms = torch.empty(b, dtype=torch.float32)
+
+    def ptr(t: Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    lib.adaptive_psg_linear(
+        dd.data_ptr(),
+        *dd.stride(),
+        x.data_ptr(),
+        _longs(list(x.stride())),
+        b,
+        t_len,
+        o,
+        n,
+        total.data_ptr(),
+        ptr(squares),
+        ptr(bias_sum),
+        ptr(bias_squares),
+        int(split),
+        threads,
+        norms.data_ptr(),
+        copies.data_ptr(),
+        scratch.data_ptr(),
+    )
+    coords = None if squares is None else squares[:, :n]
+    return total[:, :n], norms, coords, bias_sum, bias_squares
 
 
 def conv2d_sums_and_norms(

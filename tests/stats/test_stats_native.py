@@ -100,15 +100,27 @@ def test_linear_sums_and_norms_against_torch_func(threads, shared, b, t, n_in, n
     wide = torch.randn(b, t, n_out + 3)
     wide[..., 1:-2] = d
     for x, dd in ((a, d), (a.mT.contiguous().mT, wide[..., 1:-2])):
-        s, sq, none = native.linear_sums_and_norms(x, dd, workspace_with_nan())
-        assert s.shape == (n_out, n_in) and sq.shape == (b,) and none is None
+        s, sq, none, no_bias, no_bias_sq = native.linear_sums_and_norms(x, dd, workspace_with_nan())
+        assert s.shape == (n_out, n_in) and sq.shape == (b,)
+        assert none is None and no_bias is None and no_bias_sq is None
         assert_rel(s, want.sum(0))
         assert_rel(sq, want.square().sum((1, 2)))
-        s2, sq2, q = native.linear_sums_and_norms(x, dd, workspace_with_nan(), coordinates=True)
+        s2, sq2, q, _, _ = native.linear_sums_and_norms(
+            x, dd, workspace_with_nan(), coordinates=True
+        )
         # the same sums; the norms may differ in the last bit (a fused multiply-add or not)
         assert torch.equal(s2, s)
         assert_rel(sq2, sq.double(), rtol=1e-6)
         assert_rel(q, want.square().sum(0))  # Σ_i G_i², elementwise
+        # with the bias: β_i = Σ_t δ_it joins the norms, and its sums come back
+        beta = d.double().sum(1)
+        s3, sq3, q3, bs, bq = native.linear_sums_and_norms(
+            x, dd, workspace_with_nan(), coordinates=True, bias=True
+        )
+        assert torch.equal(s3, s) and torch.equal(q3, q)
+        assert_rel(sq3, want.square().sum((1, 2)) + beta.square().sum(1))
+        assert_rel(bs, beta.sum(0))
+        assert_rel(bq, beta.square().sum(0))
 
 
 CONVS = [
@@ -283,8 +295,9 @@ def test_float64_layers_keep_autograd_gradients(models):
     threads=st.sampled_from([1, 2]),
     shared=st.booleans(),
     coordinates=st.booleans(),
+    bias=st.booleans(),
 )
-def test_linear_kernel_on_random_shapes(b, t, n_in, n_out, threads, shared, coordinates):
+def test_linear_kernel_on_random_shapes(b, t, n_in, n_out, threads, shared, coordinates, bias):
     """Against the per-sample gradients written out (einsum in float64)."""
     g = torch.Generator().manual_seed(b * 1000 + t * 100 + n_in * 10 + n_out)
     a = torch.randn(b, t, n_in, generator=g)
@@ -294,14 +307,22 @@ def test_linear_kernel_on_random_shapes(b, t, n_in, n_out, threads, shared, coor
     torch.set_num_threads(threads)
     native._PER_THREAD_SUMS_BYTES = 0 if shared else budget
     try:
-        s, sq, q = native.linear_sums_and_norms(a, d, workspace_with_nan(), coordinates)
+        s, sq, q, bs, bq = native.linear_sums_and_norms(
+            a, d, workspace_with_nan(), coordinates, bias
+        )
     finally:
         torch.set_num_threads(before)
         native._PER_THREAD_SUMS_BYTES = budget
+    beta = d.double().sum(1)  # per-sample bias gradients
     assert_rel(s, want.sum(0))
-    assert_rel(sq, want.square().sum((1, 2)))
+    assert_rel(sq, want.square().sum((1, 2)) + (beta.square().sum(1) if bias else 0))
     if coordinates:
         assert_rel(q, want.square().sum(0))
+    assert (bs is None) == (not bias) and (bq is None) == (not (bias and coordinates))
+    if bias:
+        assert_rel(bs, beta.sum(0))
+    if bias and coordinates:
+        assert_rel(bq, beta.square().sum(0))
 
 
 @settings(max_examples=25, deadline=None)

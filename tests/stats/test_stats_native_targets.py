@@ -92,16 +92,18 @@ def test_target_linear_against_einsum(name, shared, threads, monkeypatch):
     if shared:
         monkeypatch.setattr(native, "_PER_THREAD_SUMS_BYTES", 0)
     g = torch.Generator().manual_seed(0)
-    # o_len and n off every blocking (rows 6 and 8; 4, 8 and 16 floats a vector)
+    # o_len and n off every blocking (6 rows; 2 or 4 vectors of 4, 8 or 16 floats)
     for b, t, n, o in [(5, 7, 37, 13), (3, 1, 16, 8), (4, 9, 70, 50)]:
         a = torch.randn(b, t, n, generator=g)
         d = torch.randn(b, t, o, generator=g)
         per = torch.einsum("bto,btn->bon", d.double(), a.double())
+        beta = d.double().sum(1)  # per-sample bias gradients
         with native.using(name):
-            s, sq, q = native.linear_sums_and_norms(a, d, workspace(), coordinates=True)
+            s, sq, q, bs, bq = native.linear_sums_and_norms(a, d, workspace(), True, True)
         assert rel(s, per.sum(0)) < 1e-5
-        assert rel(sq, per.square().sum((1, 2))) < 1e-5
+        assert rel(sq, per.square().sum((1, 2)) + beta.square().sum(1)) < 1e-5
         assert rel(q, per.square().sum(0)) < 1e-5
+        assert rel(bs, beta.sum(0)) < 1e-5 and rel(bq, beta.square().sum(0)) < 1e-5
 
 
 @pytest.mark.parametrize("name", EXPECTED)

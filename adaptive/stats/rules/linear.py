@@ -18,7 +18,6 @@ from adaptive.stats import native, triton_norms
 from adaptive.stats.rules.grouped import (
     _GroupedMatmulRule,
     _native_applies,
-    _with_bias,
     _with_kernel,
     materialising_pays,
 )
@@ -78,11 +77,18 @@ class LinearRule(_GroupedMatmulRule):
             return triton_norms.layer_sums_and_sq_norms(module, a, d, names, coordinates)
         if "weight" not in names or a.dim() < 3 or not _native_applies(a):
             return None
-        b = d.shape[0]
-        dd = d.float()
-        s, sq, q = native.linear_sums_and_norms(a.float(), dd, out, coordinates)
-        per = dd.reshape(b, -1, dd.shape[-1]).sum(1) if "bias" in names else None
-        return _with_bias(module, s, sq, q, per)
+        # the kernel computes the bias gradients too (β_i = Σ_t δ_it, while it reads δ)
+        bias = "bias" in names
+        s, sq, q, bs, bq = native.linear_sums_and_norms(
+            a.float(), d.float(), out, coordinates, bias
+        )
+        sums = {"weight": s}
+        coords = None if q is None else {"weight": q}
+        if bias:
+            sums["bias"] = bs
+            if coords is not None:
+                coords["bias"] = bq
+        return sums, sq, coords
 
     def per_sample_params(self, module, a, d, names, out=None):
         b = d.shape[0]
