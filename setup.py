@@ -41,6 +41,7 @@ setup(
             sources=["adaptive/stats/_kernels.c"],
             extra_compile_args=COMMON + flags,
             extra_link_args=["-fopenmp"],
+            libraries=["m"],  # sqrtf
             optional=True,
         )
         for name, flags in TARGETS.items()

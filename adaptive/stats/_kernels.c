@@ -15,6 +15,7 @@
  * OpenMP and linked against libgomp by soname, so in a process that loaded torch first it
  * runs on torch's own OpenMP threads. Loaded through ctypes by adaptive/stats/native.py.
  */
+#include <math.h>
 #include <omp.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -463,4 +464,108 @@ int adaptive_psg_conv(const float *d, ptrdiff_t d_sb, ptrdiff_t d_so, ptrdiff_t 
     }
     free(off);
     return used;
+}
+
+/* ---------------------------------------------------------------- layers with small parameters
+ * Per-sample squared gradient norms of normalisation layers and embeddings, in one pass over
+ * the operands (torch needs several passes and, for an embedding, a T x T Gram matrix).
+ * Threads split the samples. */
+
+/* sum_k x[k] and sum_k (x[k] - m)^2, in vector-wide partial sums (a scalar loop would not
+ * vectorise: the compiler keeps the order of float additions) */
+static inline float row_sum(const float *x, long c) {
+    vf acc = {0};
+    long k = 0;
+    for (; k + VW <= c; k += VW) acc += LD(x + k);
+    float total = hsum(acc);
+    for (; k < c; k++) total += x[k];
+    return total;
+}
+
+static inline float row_ssd(const float *x, float m, long c) {
+    vf acc = {0};
+    long k = 0;
+    for (; k + VW <= c; k += VW) {
+        const vf z = LD(x + k) - m;
+        acc += z * z;
+    }
+    float total = hsum(acc);
+    for (; k < c; k++) total += (x[k] - m) * (x[k] - m);
+    return total;
+}
+
+/* LayerNorm (rms == 0) or RMSNorm (rms == 1) over the last c values of each row: a and d are
+ * contiguous (b, t_len, c), x^ = (x - mean) / sqrt(var + eps) (rms: x / sqrt(mean(x^2) + eps)).
+ * Sample i's weight gradient is w_i = sum_t d_it * x^_it (elementwise), its bias gradient
+ * beta_i = sum_t d_it; norms[i] = ||w_i||^2 (with weight) + ||beta_i||^2 (with bias).
+ * scratch: nt * 2 * c floats. */
+void adaptive_psg_rownorm(const float *a, const float *d, long b, long t_len, long c, float eps,
+                          int rms, int weight, int bias, int nt, float *norms, float *scratch) {
+    if (nt > b) nt = (int)b;
+    if (nt < 1) nt = 1;
+#pragma omp parallel num_threads(nt)
+    {
+        float *w = scratch + (ptrdiff_t)omp_get_thread_num() * 2 * c, *be = w + c;
+#pragma omp for schedule(static)
+        for (long i = 0; i < b; i++) {
+            memset(w, 0, 2 * c * sizeof(float));
+            for (long t = 0; t < t_len; t++) {
+                const float *x = a + (i * t_len + t) * c, *g = d + (i * t_len + t) * c;
+                if (weight) {
+                    const float m = rms ? 0.f : row_sum(x, c) / c;
+                    const float r = 1.f / sqrtf(row_ssd(x, m, c) / c + eps);
+                    for (long k = 0; k < c; k++) w[k] += g[k] * ((x[k] - m) * r);
+                }
+                if (bias)
+                    for (long k = 0; k < c; k++) be[k] += g[k];
+            }
+            norms[i] = (weight ? row_ssd(w, 0.f, c) : 0.f) + (bias ? row_ssd(be, 0.f, c) : 0.f);
+        }
+    }
+}
+
+typedef struct {
+    long id, t;
+} token;
+
+static int by_id(const void *x, const void *y) {
+    const token *p = x, *q = y;
+    if (p->id != q->id) return p->id < q->id ? -1 : 1;
+    return (p->t > q->t) - (p->t < q->t);
+}
+
+/* Embedding: sample i's gradient at row v is sum_{t: ids_it = v} d_it, so
+ * norms[i] = sum_v ||sum_{t: ids_it = v} d_it||^2: the positions are sorted by id and each
+ * run of equal ids summed (tokens equal to padding >= 0 get no gradient). ids (b, t_len) and
+ * d (b, t_len, c) contiguous. tokens: nt * t_len pairs; scratch: nt * c floats. */
+void adaptive_psg_embedding(const long *ids, const float *d, long b, long t_len, long c,
+                            long padding, int nt, float *norms, token *tokens, float *scratch) {
+    if (nt > b) nt = (int)b;
+    if (nt < 1) nt = 1;
+#pragma omp parallel num_threads(nt)
+    {
+        const int k = omp_get_thread_num();
+        token *tok = tokens + (ptrdiff_t)k * t_len;
+        float *acc = scratch + (ptrdiff_t)k * c;
+#pragma omp for schedule(static)
+        for (long i = 0; i < b; i++) {
+            for (long t = 0; t < t_len; t++) tok[t] = (token){ids[i * t_len + t], t};
+            qsort(tok, t_len, sizeof(token), by_id);
+            float total = 0.f;
+            for (long s = 0; s < t_len;) {
+                long e = s + 1;
+                while (e < t_len && tok[e].id == tok[s].id) e++;
+                if (tok[s].id != padding) {
+                    memcpy(acc, d + (i * t_len + tok[s].t) * c, c * sizeof(float));
+                    for (long u = s + 1; u < e; u++) {
+                        const float *g = d + (i * t_len + tok[u].t) * c;
+                        for (long j = 0; j < c; j++) acc[j] += g[j];
+                    }
+                    total += row_ssd(acc, 0.f, c);
+                }
+                s = e;
+            }
+            norms[i] = total;
+        }
+    }
 }

@@ -32,9 +32,12 @@ __all__ = [
     "available",
     "conv2d_sums_and_norms",
     "cpu_features",
+    "embedding_sq_norms",
     "linear_sums_and_norms",
     "machine",
+    "rownorm_sq_norms",
     "supported",
+    "takes_small_layer",
     "target",
     "targets_built",
     "using",
@@ -52,7 +55,13 @@ _SIGNATURES = {
     "adaptive_psg_conv": [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _P, _I, _I, _P, _P],
     # b, t_len, o_len, n, coordinates, bias, split, threads, sizes (out)
     "adaptive_psg_linear_sizes": [_L, _L, _L, _L, _I, _I, _I, _I, _P],
+    # a, d, b, t_len, c, eps, rms, weight, bias, threads, norms, scratch
+    "adaptive_psg_rownorm": [_P, _P, _L, _L, _L, ctypes.c_float, _I, _I, _I, _I, _P, _P],
+    # ids, d, b, t_len, c, padding, threads, norms, tokens, scratch
+    "adaptive_psg_embedding": [_P, _P, _L, _L, _L, _L, _I, _P, _P, _P],
 }
+# functions that return nothing
+_VOID = ("adaptive_psg_linear_sizes", "adaptive_psg_rownorm", "adaptive_psg_embedding")
 _lib: ctypes.CDLL | None = None
 _lib_target: str | None = None
 _tried = False
@@ -180,7 +189,7 @@ def _open(name: str) -> ctypes.CDLL:
         )
     lib = ctypes.CDLL(str(path))
     for fn, argtypes in _SIGNATURES.items():
-        getattr(lib, fn).restype = None if fn.endswith("_sizes") else ctypes.c_int
+        getattr(lib, fn).restype = None if fn in _VOID else ctypes.c_int
         getattr(lib, fn).argtypes = argtypes
     lib.adaptive_psg_blocking.restype = ctypes.c_int
     want = _BLOCKING.get(name)
@@ -393,3 +402,73 @@ def conv2d_sums_and_norms(
         coordinates,
     )
     return total[:n, :o].t(), norms, None if coords is None else coords[:n, :o].t()
+
+
+def _sample_threads(b: int) -> int:
+    return max(1, min(torch.get_num_threads(), b))
+
+
+def takes_small_layer(a: Tensor) -> bool:
+    """Whether the kernels for normalisation layers and embeddings take a call: the kernel
+    installed, a CPU tensor, and at least as many samples as threads (they split the samples, so
+    fewer samples would leave threads idle that torch's own operations use)."""
+    return a.device.type == "cpu" and a.shape[0] >= torch.get_num_threads() and available()
+
+
+def rownorm_sq_norms(
+    a: Tensor, d: Tensor, c: int, eps: float, rms: bool, weight: bool, bias: bool
+) -> Tensor:
+    """``‖w_i‖² + ‖β_i‖²`` of a LayerNorm (``rms`` False) or RMSNorm over the last ``c`` values
+    of each row: ``w_i = Σ_t δ_it ⊙ x̂_it``, ``β_i = Σ_t δ_it`` (each only where asked for), from
+    the layer's input ``a`` and output gradient ``d`` (b, ..., c), on CPU; shape ``(b,)``."""
+    lib = _load()
+    assert lib is not None
+    b = d.shape[0]
+    x = a.float().reshape(b, -1, c).contiguous()
+    dd = d.float().reshape(b, -1, c).contiguous()
+    threads = _sample_threads(b)
+    norms = torch.empty(b, dtype=torch.float32)
+    scratch = torch.empty(threads, 2, c, dtype=torch.float32)
+    lib.adaptive_psg_rownorm(
+        x.data_ptr(),
+        dd.data_ptr(),
+        b,
+        x.shape[1],
+        c,
+        eps,
+        int(rms),
+        int(weight),
+        int(bias),
+        threads,
+        norms.data_ptr(),
+        scratch.data_ptr(),
+    )
+    return norms
+
+
+def embedding_sq_norms(ids: Tensor, d: Tensor, padding_idx: int | None) -> Tensor:
+    """``‖g_i‖²`` of an Embedding, ``g_i[v] = Σ_{t: id_it = v} δ_it`` (no gradient at
+    ``padding_idx``), from the ids (b, ...) and the output gradient (b, ..., c), on CPU: the
+    positions sorted by id, each run of equal ids summed; shape ``(b,)``."""
+    lib = _load()
+    assert lib is not None
+    b, c = d.shape[0], d.shape[-1]
+    tok = ids.reshape(b, -1).long().contiguous()
+    dd = d.float().reshape(b, -1, c).contiguous()
+    threads = _sample_threads(b)
+    norms = torch.empty(b, dtype=torch.float32)
+    tokens = torch.empty(threads, tok.shape[1], 2, dtype=torch.long)
+    scratch = torch.empty(threads, c, dtype=torch.float32)
+    lib.adaptive_psg_embedding(
+        tok.data_ptr(),
+        dd.data_ptr(),
+        b,
+        tok.shape[1],
+        c,
+        -1 if padding_idx is None else padding_idx,
+        threads,
+        norms.data_ptr(),
+        tokens.data_ptr(),
+        scratch.data_ptr(),
+    )
+    return norms

@@ -15,6 +15,10 @@ void adaptive_psg_linear_sizes(long b, long t_len, long o_len, long n, int coord
 int adaptive_psg_conv(const float *d, long d_sb, long d_so, long d_st, const float *a,
                       const long *geom, long b, long o_len, long n, float *s, float *q, int split,
                       int nt, float *norms, float *scratch);
+void adaptive_psg_rownorm(const float *a, const float *d, long b, long t_len, long c, float eps,
+                          int rms, int weight, int bias, int nt, float *norms, float *scratch);
+void adaptive_psg_embedding(const long *ids, const float *d, long b, long t_len, long c,
+                            long padding, int nt, float *norms, long *tokens, float *scratch);
 int adaptive_psg_blocking(void);
 
 static float rnd(void) { return (float)rand() / RAND_MAX - 0.5f; }
@@ -106,6 +110,55 @@ static int check_conv(long b, long C, long O, long H, long W, long kh, long kw, 
     return err < 1e-4;
 }
 
+/* LayerNorm (rms 0) or RMSNorm: ||sum_t d_it x^_it||^2 + ||sum_t d_it||^2 per sample. */
+static int check_rownorm(long b, long T, long C, int rms, int nt) {
+    float *a = malloc(sizeof(float) * b * T * C), *d = malloc(sizeof(float) * b * T * C);
+    for (long i = 0; i < b * T * C; i++) a[i] = 2 * rnd() + 0.3f, d[i] = rnd();
+    float *norms = calloc(b, sizeof(float)), *scratch = calloc(nt * 2 * C, sizeof(float));
+    double *w = calloc(C, sizeof(double)), *be = calloc(C, sizeof(double)), err = 0;
+    adaptive_psg_rownorm(a, d, b, T, C, 1e-5f, rms, 1, 1, nt, norms, scratch);
+    for (long i = 0; i < b; i++) {
+        for (long k = 0; k < C; k++) w[k] = be[k] = 0;
+        for (long t = 0; t < T; t++) {
+            const float *x = a + (i * T + t) * C, *g = d + (i * T + t) * C;
+            double m = 0, v = 0;
+            for (long k = 0; k < C; k++) m += rms ? 0 : x[k] / (double)C;
+            for (long k = 0; k < C; k++) v += (x[k] - m) * (x[k] - m) / C;
+            for (long k = 0; k < C; k++) w[k] += g[k] * (x[k] - m) / sqrt(v + 1e-5), be[k] += g[k];
+        }
+        double want = 0;
+        for (long k = 0; k < C; k++) want += w[k] * w[k] + be[k] * be[k];
+        err = fmax(err, fabs(norms[i] - want) / want);
+    }
+    printf("rownorm b%ld t%ld c%ld rms%d threads%d: %.2e\n", b, T, C, rms, nt, err);
+    free(a), free(d), free(norms), free(scratch), free(w), free(be);
+    return err < 1e-4;
+}
+
+/* Embedding over a vocabulary of V ids, id 0 the padding: sum_v ||sum_{t: id_t = v} d_t||^2. */
+static int check_embedding(long b, long T, long C, long V, int nt) {
+    long *ids = malloc(sizeof(long) * b * T), *tokens = malloc(sizeof(long) * nt * 2 * T);
+    float *d = malloc(sizeof(float) * b * T * C), *norms = calloc(b, sizeof(float));
+    float *scratch = calloc(nt * C, sizeof(float));
+    for (long i = 0; i < b * T; i++) ids[i] = rand() % V;
+    for (long i = 0; i < b * T * C; i++) d[i] = rnd();
+    adaptive_psg_embedding(ids, d, b, T, C, 0, nt, norms, tokens, scratch);
+    double err = 0;
+    for (long i = 0; i < b; i++) {
+        double want = 0;
+        for (long v = 1; v < V; v++)
+            for (long k = 0; k < C; k++) {
+                double r = 0;
+                for (long t = 0; t < T; t++) r += ids[i * T + t] == v ? d[(i * T + t) * C + k] : 0;
+                want += r * r;
+            }
+        err = fmax(err, fabs(norms[i] - want) / want);
+    }
+    printf("embedding b%ld t%ld c%ld v%ld threads%d: %.2e\n", b, T, C, V, nt, err);
+    free(ids), free(tokens), free(d), free(norms), free(scratch);
+    return err < 1e-4;
+}
+
 int main(void) {
     printf("blocking %d\n", adaptive_psg_blocking());
     int ok = 1;
@@ -114,6 +167,9 @@ int main(void) {
     ok &= check_linear(3, 1, 8, 16, 0, 1);
     ok &= check_conv(3, 3, 20, 9, 10, 3, 2, 2, 2);
     ok &= check_conv(2, 5, 40, 6, 6, 1, 1, 1, 1);
+    ok &= check_rownorm(3, 5, 37, 0, 2);
+    ok &= check_rownorm(2, 4, 64, 1, 1);
+    ok &= check_embedding(3, 30, 21, 6, 2);
     puts(ok ? "ok" : "FAILED");
     return !ok;
 }

@@ -7,13 +7,20 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from adaptive.stats import GradientStatistics, native, per_sample_gradients, reference_statistics
-from adaptive.stats.rules import ConvRule, LinearRule, materialising_pays
+from adaptive.stats.rules import (
+    ConvRule,
+    LayerNormRule,
+    LinearRule,
+    RMSNormRule,
+    materialising_pays,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
@@ -355,3 +362,65 @@ def test_conv_kernel_on_random_geometry(c, o, kernel, stride, dilation, threads,
         assert_rel(sums[k], g.sum(0))
         assert_rel(coords[k], g.square().sum(0))
     assert_rel(sq, sum(g.reshape(3, -1).square().sum(1) for g in want.values()))
+
+
+NORM_LAYERS = [
+    nn.LayerNorm(24),
+    nn.LayerNorm(7, bias=False),  # weight only; 7 values: no whole vector
+    nn.LayerNorm((3, 10), eps=1e-3),  # normalised over two trailing dims
+    nn.RMSNorm(37),  # eps None: the input dtype's machine epsilon
+    nn.RMSNorm((2, 16), eps=1e-4),
+]
+
+
+@pytest.mark.parametrize("layer", NORM_LAYERS, ids=lambda m: repr(m))
+def test_norm_layer_kernel_against_torch_func(layer, threads):
+    """‖w_i‖² + ‖β_i‖² of LayerNorm/RMSNorm from the kernel (one pass) against per-sample
+    gradients from torch.func, with every subset of the parameters."""
+    torch.manual_seed(1)
+    with torch.no_grad():  # parameters away from their initial ones and zeros
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))
+    b = 5
+    a = 2 * torch.randn(b, 6, *layer.normalized_shape) + 0.5
+    d = torch.randn(b, 6, *layer.normalized_shape)
+    want = per_sample(layer, a, d)
+    rule = RMSNormRule() if isinstance(layer, nn.RMSNorm) else LayerNormRule()
+    assert native.takes_small_layer(a)
+    names = [n for n, _ in layer.named_parameters()]
+    for subset in ({*names}, {names[0]}, {names[-1]}):
+        got = rule.sq_norms(layer, a, d, frozenset(subset))
+        ref = sum(want[n].reshape(b, -1).square().sum(1) for n in subset)
+        assert_rel(got, ref)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding_kernel_against_torch_func(padding_idx, threads):
+    """Repeated ids (a vocabulary of 5 over 40 positions), the padding id, and ids with two
+    sequence axes."""
+    torch.manual_seed(2)
+    layer = nn.Embedding(5, 9, padding_idx=padding_idx)
+    for shape in ((4, 40), (3, 2, 7), (4, 1)):
+        ids = torch.randint(0, 5, shape)
+        d = torch.randn(*shape, 9)
+
+        def pairing(w, ids_i, d_i):
+            return (F.embedding(ids_i, w, padding_idx) * d_i).sum()
+
+        # torch.func per-sample gradients; the padding row gets none
+        want = vmap(grad(pairing), in_dims=(None, 0, 0))(
+            layer.weight.detach().double(), ids, d.double()
+        )
+        got = native.embedding_sq_norms(ids, d, padding_idx)
+        assert_rel(got, want.reshape(shape[0], -1).square().sum(1))
+
+
+def test_small_layer_kernels_leave_fewer_samples_than_threads_to_torch():
+    # they split the samples: with fewer samples than threads, torch's operations are faster
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert not native.takes_small_layer(torch.zeros(1, 4, 8))
+        assert native.takes_small_layer(torch.zeros(2, 4, 8))
+    finally:
+        torch.set_num_threads(before)

@@ -134,6 +134,35 @@ def test_target_conv_against_unfold(name, shared, threads, monkeypatch):
         assert rel(q, per.square().sum(0)) < 1e-5
 
 
+@pytest.mark.parametrize("name", EXPECTED)
+def test_target_small_layers_against_formulas(name, threads):
+    """Norm layers and embeddings (vector-wide row sums: per-target code) against the formulas
+    in float64."""
+    if name not in native.targets_built():
+        pytest.skip(f"build {name!r} is not installed (no compiler that accepts its flags)")
+    if not native.supported(name):
+        pytest.skip(f"this CPU lacks {sorted(native.TARGETS[name])} for build {name!r}")
+    g = torch.Generator().manual_seed(2)
+    b, t = 3, 5
+    for c in (37, 64):  # a tail of values and whole vectors on every build
+        a = torch.randn(b, t, c, generator=g) * 2 + 1
+        d = torch.randn(b, t, c, generator=g)
+        x, dd = a.double(), d.double()
+        for rms in (False, True):
+            m = 0 if rms else x.mean(-1, keepdim=True)
+            xhat = (x - m) / ((x - m).square().mean(-1, keepdim=True) + 1e-5).sqrt()
+            want = (dd * xhat).sum(1).square().sum(1) + dd.sum(1).square().sum(1)
+            with native.using(name):
+                got = native.rownorm_sq_norms(a, d, c, 1e-5, rms, True, True)
+            assert rel(got, want) < 1e-5
+        ids = torch.randint(0, 4, (b, t), generator=g)
+        onehot = F.one_hot(ids, 4).double()  # (b, t, v): g_i = onehotᵀ δ_i
+        want = torch.einsum("btv,btc->bvc", onehot, dd)[:, 1:].square().sum((1, 2))
+        with native.using(name):
+            got = native.embedding_sq_norms(ids, d, padding_idx=0)
+        assert rel(got, want) < 1e-5
+
+
 @pytest.mark.skipif(not X86 or shutil.which("cc") is None, reason="x86-64 with a C compiler")
 @pytest.mark.parametrize("name", list(native.TARGETS))
 def test_each_x86_build_of_setup_py_passes_the_harness(name, tmp_path):

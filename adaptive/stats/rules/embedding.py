@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from adaptive.stats import native
 from adaptive.stats.rules.base import LayerRule, UnsupportedModuleError
 
 __all__ = ["EmbeddingRule"]
@@ -33,6 +34,10 @@ class EmbeddingRule(LayerRule):
         return ids, dd
 
     def sq_norms(self, module, a, d, names):
+        if native.takes_small_layer(d):
+            # the compiled kernel: positions sorted by id, each run of equal ids summed, in one
+            # pass over δ instead of a T×T Gram matrix
+            return native.embedding_sq_norms(a, d, module.padding_idx)
         ids, dd = self._prepare(module, a, d)
         if ids.shape[1] == 1:
             return dd.square().sum((1, 2))
