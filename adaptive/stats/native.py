@@ -12,7 +12,10 @@ compiled at run time. Whether the kernel is used for a given layer is decided pe
 
 For sample ``i`` with output gradients ``δ_it`` (``O`` values) and input rows ``x_it`` (``N``
 values) at positions ``t``, the per-sample weight gradient is ``G_i = Σ_t δ_it x_itᵀ``; the kernel
-returns ``Σ_i G_i`` (autograd's batch weight gradient) and ``‖G_i‖²`` for every ``i``.
+returns ``Σ_i G_i`` (autograd's batch weight gradient) and ``‖G_i‖²`` for every ``i`` (for a
+Linear also the bias gradients ``β_i = Σ_t δ_it``, read in the same pass). Layers with small
+parameters get one-pass norms too: LayerNorm and RMSNorm (``rownorm_sq_norms``) and Embedding
+(``embedding_sq_norms``, each sample's positions sorted by id).
 """
 
 from __future__ import annotations

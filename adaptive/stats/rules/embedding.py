@@ -1,9 +1,11 @@
 """``nn.Embedding``: the per-sample gradient of row v is ``Σ_{t: id_t = v} δ_t``.
 
 ``‖g_i‖² = Σ_{s,t} [id_s = id_t] δ_s·δ_t`` (a masked Gram matrix over the sample's tokens), so
-no vocabulary-sized tensor is formed per sample. Tokens equal to ``padding_idx`` get no gradient.
-Per coordinate, the row sum ``S_t`` of sample i's gradient at token t's row is shared by the
-``count_t`` positions holding the same id: ``Σ`` over distinct rows of ``S² = Σ_t S_t² / count_t``.
+no vocabulary-sized tensor is formed per sample; on CPU the compiled kernel
+(:func:`adaptive.stats.native.embedding_sq_norms`) sums each run of equal ids instead, in
+``O(T·d)``. Tokens equal to ``padding_idx`` get no gradient. Per coordinate, the row sum
+``S_t`` of sample i's gradient at token t's row is shared by the ``count_t`` positions holding
+the same id: ``Σ`` over distinct rows of ``S² = Σ_t S_t² / count_t``.
 Sparse gradients and ``scale_grad_by_freq`` (which couples the samples) are refused.
 """
 
