@@ -18,6 +18,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -524,8 +525,8 @@ void adaptive_psg_rownorm(const float *a, const float *d, long b, long t_len, lo
     }
 }
 
-typedef struct {
-    long id, t;
+typedef struct { /* int64_t: torch's ids, whatever the platform's long */
+    int64_t id, t;
 } token;
 
 static int by_id(const void *x, const void *y) {
@@ -538,7 +539,7 @@ static int by_id(const void *x, const void *y) {
  * norms[i] = sum_v ||sum_{t: ids_it = v} d_it||^2: the positions are sorted by id and each
  * run of equal ids summed (tokens equal to padding >= 0 get no gradient). ids (b, t_len) and
  * d (b, t_len, c) contiguous. tokens: nt * t_len pairs; scratch: nt * c floats. */
-void adaptive_psg_embedding(const long *ids, const float *d, long b, long t_len, long c,
+void adaptive_psg_embedding(const int64_t *ids, const float *d, long b, long t_len, long c,
                             long padding, int nt, float *norms, token *tokens, float *scratch) {
     if (nt > b) nt = (int)b;
     if (nt < 1) nt = 1;

@@ -3,6 +3,7 @@
  * target's flags (and for 64-bit Arm with a cross compiler, run under qemu where present).
  * Prints one line per case and exits 0 when every relative error is below 1e-4. */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -17,8 +18,8 @@ int adaptive_psg_conv(const float *d, long d_sb, long d_so, long d_st, const flo
                       int nt, float *norms, float *scratch);
 void adaptive_psg_rownorm(const float *a, const float *d, long b, long t_len, long c, float eps,
                           int rms, int weight, int bias, int nt, float *norms, float *scratch);
-void adaptive_psg_embedding(const long *ids, const float *d, long b, long t_len, long c,
-                            long padding, int nt, float *norms, long *tokens, float *scratch);
+void adaptive_psg_embedding(const int64_t *ids, const float *d, long b, long t_len, long c,
+                            long padding, int nt, float *norms, int64_t *tokens, float *scratch);
 int adaptive_psg_blocking(void);
 
 static float rnd(void) { return (float)rand() / RAND_MAX - 0.5f; }
@@ -137,7 +138,7 @@ static int check_rownorm(long b, long T, long C, int rms, int nt) {
 
 /* Embedding over a vocabulary of V ids, id 0 the padding: sum_v ||sum_{t: id_t = v} d_t||^2. */
 static int check_embedding(long b, long T, long C, long V, int nt) {
-    long *ids = malloc(sizeof(long) * b * T), *tokens = malloc(sizeof(long) * nt * 2 * T);
+    int64_t *ids = malloc(sizeof(int64_t) * b * T), *tokens = malloc(sizeof(int64_t) * nt * 2 * T);
     float *d = malloc(sizeof(float) * b * T * C), *norms = calloc(b, sizeof(float));
     float *scratch = calloc(nt * C, sizeof(float));
     for (long i = 0; i < b * T; i++) ids[i] = rand() % V;
