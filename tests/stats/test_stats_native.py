@@ -16,6 +16,7 @@ from torch.func import functional_call, grad, vmap
 from adaptive.stats import GradientStatistics, native, per_sample_gradients, reference_statistics
 from adaptive.stats.rules import (
     ConvRule,
+    EmbeddingRule,
     LayerNormRule,
     LinearRule,
     RMSNormRule,
@@ -389,9 +390,11 @@ def test_norm_layer_kernel_against_torch_func(layer, threads):
     assert native.takes_small_layer(a)
     names = [n for n, _ in layer.named_parameters()]
     for subset in ({*names}, {names[0]}, {names[-1]}):
-        got = rule.sq_norms(layer, a, d, frozenset(subset))
         ref = sum(want[n].reshape(b, -1).square().sum(1) for n in subset)
-        assert_rel(got, ref)
+        assert_rel(rule.sq_norms(layer, a, d, frozenset(subset)), ref)
+        with pytest.MonkeyPatch.context() as mp:  # the torch path the kernel replaces
+            mp.setattr(native, "takes_small_layer", lambda a: False)
+            assert_rel(rule.sq_norms(layer, a, d, frozenset(subset)), ref)
 
 
 @pytest.mark.parametrize("padding_idx", [None, 2])
@@ -411,8 +414,15 @@ def test_embedding_kernel_against_torch_func(padding_idx, threads):
         want = vmap(grad(pairing), in_dims=(None, 0, 0))(
             layer.weight.detach().double(), ids, d.double()
         )
-        got = native.embedding_sq_norms(ids, d, padding_idx)
-        assert_rel(got, want.reshape(shape[0], -1).square().sum(1))
+        ref = want.reshape(shape[0], -1).square().sum(1)
+        assert_rel(native.embedding_sq_norms(ids, d, padding_idx), ref)
+        # the rule's two paths: the kernel, and the masked Gram matrix (fewer samples than
+        # threads, CUDA, or no kernel)
+        rule = EmbeddingRule()
+        assert_rel(rule.sq_norms(layer, ids, d, frozenset({"weight"})), ref)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(native, "takes_small_layer", lambda a: False)
+            assert_rel(rule.sq_norms(layer, ids, d, frozenset({"weight"})), ref)
 
 
 def test_small_layer_kernels_leave_fewer_samples_than_threads_to_torch():
