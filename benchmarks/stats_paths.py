@@ -77,6 +77,9 @@ LINEARS = [
     (256, 256, 16, 64),
     (1024, 1024, 8, 16),
     (32, 32, 512, 4),
+    (256, 256, 256, 8),  # issue 21's language model: width 256, context 256, batch 8
+    (128, 512, 1024, 2),  # long sequences: positions in tiles in the kernel
+    (512, 128, 1024, 2),
 ]
 QUICK_CONVS = [(2, 4, 3, 1, 6, 4), (3, 5, 1, 2, 6, 4)]
 QUICK_LINEARS = [(6, 5, 4, 3)]

@@ -81,13 +81,28 @@ int adaptive_psg_blocking(void) {
     return VW * 10000 + LIN_ROWS * 1000 + LIN_NV * 100 + CONV_OV * 10 + CONV_NR;
 }
 
+/* A sample with more positions than TILE is done a tile of positions at a time, the partial
+ * G_i kept in a buffer: whole (all the thread's rows, where they take at most G_WHOLE floats)
+ * with the tiles outermost, so that a tile's rows of x and d stay in cache while every block
+ * uses them; else one row block's worth, the tiles inside the row blocks. (In one pass over all
+ * positions per block, x and d stream from L2 or L3 once per block: at 1024 positions that
+ * took 1.5-2x a matmul's time, against 1.0-1.2x at 64.) */
+#define TILE 64
+#define G_WHOLE (1L << 18)
+#define TILE_FIRST 0
+#define TILE_MID 1
+#define TILE_LAST 2
+
 /* One block of G_i: rows o0..o0+rows-1 (rows <= ROWS) of d, columns n0..n0+VW*nv-1
- * (1 <= nv <= LIN_NV) of the packed input xp (row stride np). Adds the block to S (or stores
- * it, for the thread's first sample), its squares to *nacc and, where q is given, its
- * elementwise squares to Q (same layout as S). */
-static inline void block(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp,
-                         ptrdiff_t np, long t_len, int rows, int nv, float *s, float *q,
-                         ptrdiff_t s_so, vf *nacc, int first) {
+ * (1 <= nv <= LIN_NV) of the packed input xp (row stride np), over t_len positions. Adds the
+ * block to S (or stores it, for the thread's first sample), its squares to *nacc and, where q
+ * is given, its elementwise squares to Q (same layout as S). Where g is given (same layout
+ * too), the positions are one tile, phase TILE_FIRST, TILE_MID or TILE_LAST: the block goes to
+ * g, and only the last tile's, with g added, on to S, Q and *nacc. */
+static inline __attribute__((always_inline)) void
+block_impl(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp, ptrdiff_t np,
+           long t_len, int rows, int nv, float *s, float *q, ptrdiff_t s_so, vf *nacc, int first,
+           float *g, int phase) {
     vf a[ROWS][LIN_NV];
     memset(a, 0, sizeof(a));
     if (rows == ROWS && nv == LIN_NV) {
@@ -114,6 +129,17 @@ static inline void block(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const f
             }
         }
     }
+    if (g) { /* one tile of positions: the block's sums over the tiles so far wait in g */
+        for (int r = 0; r < rows; r++)
+            for (int v = 0; v < nv; v++) {
+                float *gp = g + r * s_so + VW * v;
+                if (phase == TILE_LAST)
+                    a[r][v] += LD(gp);
+                else
+                    ST(gp, phase == TILE_FIRST ? a[r][v] : LD(gp) + a[r][v]);
+            }
+        if (phase != TILE_LAST) return;
+    }
     /* four partial sums of squares, not one: one chain of dependent adds would stall */
     vf part[4] = {{0}, {0}, {0}, {0}};
     for (int r = 0; r < rows; r++)
@@ -128,6 +154,20 @@ static inline void block(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const f
             }
         }
     *nacc += (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+/* The block over all of a sample's positions (g constant NULL: no tile code), and over one
+ * tile of them. */
+static inline void block(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp,
+                         ptrdiff_t np, long t_len, int rows, int nv, float *s, float *q,
+                         ptrdiff_t s_so, vf *nacc, int first) {
+    block_impl(d, d_st, d_so, xp, np, t_len, rows, nv, s, q, s_so, nacc, first, NULL, TILE_LAST);
+}
+
+static void block_tile(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp,
+                       ptrdiff_t np, long t_len, int rows, int nv, float *s, float *q,
+                       ptrdiff_t s_so, vf *nacc, int first, float *g, int phase) {
+    block_impl(d, d_st, d_so, xp, np, t_len, rows, nv, s, q, s_so, nacc, first, g, phase);
 }
 
 /* Sample i's input rows, x_i[t, k] = a[i*sb + t*st + k*sn] for g = {sb, st, sn}, copied to xp
@@ -194,6 +234,41 @@ static float bias_rows(const float *di, ptrdiff_t d_st, ptrdiff_t d_so, long t_l
     return total;
 }
 
+/* Floats of a thread's buffer for the tiles of positions: none for one tile; else the
+ * thread's sums whole, up to G_WHOLE floats, and at least one row block's. */
+static long tile_buffer(long t_len, long o_len, long np) {
+    if (t_len <= TILE) return 0;
+    const long whole = o_len * np < G_WHOLE ? o_len * np : G_WHOLE;
+    return whole > ROWS * np ? whole : ROWS * np;
+}
+
+/* Sample i's blocks on rows [o_lo, o_hi), a tile of positions at a time (see TILE): the tiles
+ * outermost where those rows of G_i fit the buffer g (gl floats) whole, else inside each row
+ * block. */
+static void tiled(const float *di, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp, long np,
+                  long t_len, long o_lo, long o_hi, long o_len, float *sk, float *qk, vf *nacc,
+                  int first, float *g, long gl) {
+    const int whole = (o_hi - o_lo) * np <= gl;
+    const long o_span = whole ? o_hi - o_lo : ROWS;
+    for (long ob = o_lo; ob < o_hi; ob += o_span) {
+        const long o_end = ob + o_span < o_hi ? ob + o_span : o_hi;
+        for (long t0 = 0; t0 < t_len; t0 += TILE) {
+            const long tl = t_len - t0 < TILE ? t_len - t0 : TILE;
+            const int phase = t0 == 0 ? TILE_FIRST : t0 + tl < t_len ? TILE_MID : TILE_LAST;
+            for (long o0 = ob; o0 < o_end; o0 += ROWS) {
+                const int rows = o_len - o0 < ROWS ? (int)(o_len - o0) : ROWS;
+                float *gb = g + (whole ? (o0 - o_lo) * np : 0);
+                for (long c0 = 0; c0 < np; c0 += VW * LIN_NV) {
+                    const int nv = np - c0 >= VW * LIN_NV ? LIN_NV : (int)((np - c0) / VW);
+                    block_tile(di + t0 * d_st + o0 * d_so, d_st, d_so, xp + t0 * np + c0, np,
+                               tl, rows, nv, sk + o0 * np + c0, qk ? qk + o0 * np + c0 : NULL,
+                               np, nacc, first, gb + c0, phase);
+                }
+            }
+        }
+    }
+}
+
 /* Floats of the two buffers adaptive_psg_linear needs besides its outputs, written to sizes:
  * sizes[0] the thread copies of the sums (and the per-thread partial norms of split == 1),
  * sizes[1] the scratch (each thread's packed input rows and bias row). */
@@ -202,7 +277,7 @@ void adaptive_psg_linear_sizes(long b, long t_len, long o_len, long n, int coord
     const long np = (n + 15) / 16 * 16, op = (o_len + 15) / 16 * 16;
     const long copy = (o_len * np + (bias ? op : 0)) * (coordinates ? 2 : 1);
     sizes[0] = split ? (long)nt * b : (long)(nt - 1) * copy;
-    sizes[1] = (long)nt * (t_len * np + op);
+    sizes[1] = (long)nt * (t_len * np + op + tile_buffer(t_len, o_len, np));
 }
 
 /* Linear layers. For i in [0, b): G_i[o, k] = sum_t d[i*d_sb + t*d_st + o*d_so] x_i[t, k] with
@@ -248,23 +323,29 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
         }
         const long o_lo = u0 * ROWS < o_len ? u0 * ROWS : o_len;
         const long o_hi = u1 * ROWS < o_len ? u1 * ROWS : o_len;
-        float *xp = scratch + (ptrdiff_t)k * (t_len * np + op), *bi = xp + t_len * np;
+        const long gl = tile_buffer(t_len, o_len, np);
+        float *xp = scratch + (ptrdiff_t)k * (t_len * np + op + gl), *bi = xp + t_len * np;
+        float *g = gl ? bi + op : NULL;
         for (long i = i0; i < i1 && o_hi > o_lo; i++) {
             pack(a, geom, i, t_len, n, np, xp);
             const float *di = d + i * d_sb;
             vf nacc = {0};
-            for (long o0 = o_lo; o0 < o_hi; o0 += ROWS) {
-                const int rows = o_len - o0 < ROWS ? (int)(o_len - o0) : ROWS;
-                long c0 = 0;
-                for (; c0 + VW * LIN_NV <= np; c0 += VW * LIN_NV)
-                    block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows, LIN_NV,
-                          sk + o0 * np + c0, qk ? qk + o0 * np + c0 : NULL, np, &nacc,
-                          i == i0);
-                if (c0 < np)
-                    block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows,
-                          (int)((np - c0) / VW), sk + o0 * np + c0,
-                          qk ? qk + o0 * np + c0 : NULL, np, &nacc, i == i0);
-            }
+            if (!g) /* one tile: each block over all positions */
+                for (long o0 = o_lo; o0 < o_hi; o0 += ROWS) {
+                    const int rows = o_len - o0 < ROWS ? (int)(o_len - o0) : ROWS;
+                    long c0 = 0;
+                    for (; c0 + VW * LIN_NV <= np; c0 += VW * LIN_NV)
+                        block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows, LIN_NV,
+                              sk + o0 * np + c0, qk ? qk + o0 * np + c0 : NULL, np, &nacc,
+                              i == i0);
+                    if (c0 < np)
+                        block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows,
+                              (int)((np - c0) / VW), sk + o0 * np + c0,
+                              qk ? qk + o0 * np + c0 : NULL, np, &nacc, i == i0);
+                }
+            else
+                tiled(di, d_st, d_so, xp, np, t_len, o_lo, o_hi, o_len, sk, qk, &nacc, i == i0,
+                      g, gl);
             float total = hsum(nacc);
             if (bs) total += bias_rows(di, d_st, d_so, t_len, o_lo, o_hi, bi, bsk, bqk, i == i0);
             nk[i] = total;

@@ -166,6 +166,8 @@ int main(void) {
     ok &= check_linear(5, 7, 13, 37, 0, 2);
     ok &= check_linear(4, 9, 50, 70, 1, 2);
     ok &= check_linear(3, 1, 8, 16, 0, 1);
+    ok &= check_linear(3, 150, 13, 37, 0, 2); /* three tiles of positions */
+    ok &= check_linear(2, 70, 50, 70, 1, 2);  /* two tiles, threads sharing the rows */
     ok &= check_conv(3, 3, 20, 9, 10, 3, 2, 2, 2);
     ok &= check_conv(2, 5, 40, 6, 6, 1, 1, 1, 1);
     ok &= check_rownorm(3, 5, 37, 0, 2);

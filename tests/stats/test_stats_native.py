@@ -96,6 +96,8 @@ def test_environment_switch_turns_it_off(monkeypatch):
         (9, 4, 64, 16),  # whole 8×32 blocks
         (1, 6, 40, 9),  # fewer samples than threads
         (4, 1, 20, 3),  # one position; shared sums: fewer row blocks than threads
+        (3, 150, 37, 13),  # three tiles of positions (64, 64, 22), the sums whole in the buffer
+        (2, 70, 128, 2100),  # two tiles; the sums too large for the buffer: tiles per row block
     ],
 )
 def test_linear_sums_and_norms_against_torch_func(threads, shared, b, t, n_in, n_out):
@@ -297,7 +299,7 @@ def test_float64_layers_keep_autograd_gradients(models):
 @settings(max_examples=25, deadline=None)
 @given(
     b=st.integers(1, 5),
-    t=st.integers(1, 9),
+    t=st.one_of(st.integers(1, 9), st.integers(60, 200)),  # one tile of positions, or several
     n_in=st.integers(1, 40),
     n_out=st.integers(1, 20),
     threads=st.sampled_from([1, 2]),

@@ -93,7 +93,9 @@ def test_target_linear_against_einsum(name, shared, threads, monkeypatch):
         monkeypatch.setattr(native, "_PER_THREAD_SUMS_BYTES", 0)
     g = torch.Generator().manual_seed(0)
     # o_len and n off every blocking (6 rows; 2 or 4 vectors of 4, 8 or 16 floats)
-    for b, t, n, o in [(5, 7, 37, 13), (3, 1, 16, 8), (4, 9, 70, 50)]:
+    # and positions in tiles: the sums whole in the tiles' buffer, or too large for it
+    shapes = [(5, 7, 37, 13), (3, 1, 16, 8), (4, 9, 70, 50), (3, 150, 37, 13), (2, 70, 128, 2100)]
+    for b, t, n, o in shapes:
         a = torch.randn(b, t, n, generator=g)
         d = torch.randn(b, t, o, generator=g)
         per = torch.einsum("bto,btn->bon", d.double(), a.double())
