@@ -7,6 +7,12 @@ text domains, byte-level, WSD schedule clocked in tokens) at one token budget pe
    three-point grid, one seed (``--tune-seed``); where the lowest validation target-mix loss
    falls on the grid's edge, the grid grows a step that way (up to ``--lr-extensions`` times),
    so the kept lr is bracketed. Growth runs start at the small batch with the small batch's lr.
+   Then the variance tests' ``eta`` (``norm``, ``inner_product``), each at ``--etas`` on the
+   tuning seed: kept is the one that reaches the best fixed batch's validation loss in the
+   fewest optimizer steps (read off the validation curve), else the lowest final validation
+   loss. (A first run at eta 0.5 grew the batch 8 → 128 by step 122 of 253 and ended at
+   validation 1.72 against the small batch's 1.41: the test's tolerance is the method's
+   hyper-parameter, chosen like the baselines' lr.)
 2. the grid, over ``--seeds`` (the tuning seed's runs are reused): fixed small / medium / large
    at their lrs, uniform mixing; fixed small with the mixture rule; every growth rule
    (``norm`` and ``inner_product``: AdaptiveBatchSize; ``warmup``: the doubling warmup of Merrill
@@ -90,7 +96,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mixture-rule", choices=lm.MIXTURES[1:], default="influence_exp")
     p.add_argument("--max-batch-size", type=int, default=None, help="default: the large batch")
-    p.add_argument("--eta", type=float, default=0.5)
+    p.add_argument(
+        "--etas",
+        type=float,
+        nargs="+",
+        default=[0.5, 1.0, 2.0],
+        help="the variance tests' eta (norm, inner_product), chosen on validation per rule: the "
+        "fewest steps to the best fixed batch's validation loss (default: 0.5 1 2)",
+    )
     p.add_argument("--interval", type=int, default=4)
     p.add_argument("--optimizer", choices=("adamw", "lamb"), default="adamw")
     p.add_argument("--schedule", choices=("wsd", "power"), default="wsd")
@@ -136,7 +149,7 @@ def base_config(args: argparse.Namespace) -> Any:
         tokens=args.tokens,
         optimizer=args.optimizer,
         schedule=args.schedule,
-        eta=args.eta,
+        eta=args.etas[0],
         interval=args.interval,
         evals=args.evals,
         eval_windows=args.eval_windows,
@@ -155,6 +168,10 @@ def config_name(growth: str, size: str, mixture: str) -> str:
     return head if mixture == "uniform" else f"{head}+{mixture}"
 
 
+# growth rules with a knob chosen on validation (the variance tests' eta)
+TUNED_ETA = ("norm", "inner_product")
+
+
 def make(
     base: Any,
     args: argparse.Namespace,
@@ -164,6 +181,7 @@ def make(
     lr: float,
     mixture: str,
     seed: int,
+    eta: float | None = None,
 ) -> Any:
     sizes = dict(zip(SIZES, args.batch_sizes, strict=True))
     cfg = dataclasses.replace(
@@ -176,7 +194,11 @@ def make(
         seed=seed,
     )
     cfg.max_micro_batch_size = min(cfg.max_micro_batch_size, cfg.max_batch_size)
-    cfg.name = f"{config_name(growth, size, mixture)}-lr{lr:g}-s{seed}"
+    knob = ""
+    if growth in TUNED_ETA:
+        cfg.eta = base.eta if eta is None else eta
+        knob = f"-eta{cfg.eta:g}"
+    cfg.name = f"{config_name(growth, size, mixture)}{knob}-lr{lr:g}-s{seed}"
     cfg.check()
     return cfg
 
@@ -208,7 +230,50 @@ def tuning_jobs(base, args):
     return [tuning_job(base, args, size, lr) for size in SIZES for lr in args.lrs]
 
 
-def grid_jobs(base, args, best_lr: dict[str, float]):
+def eta_jobs(base, args, lr: float):
+    """The variance tests at each of ``--etas``: small batch growing, uniform mixing, the tuning
+    seed, the small batch's tuned ``lr``."""
+    return [
+        make(
+            base,
+            args,
+            growth=rule,
+            size="small",
+            lr=lr,
+            mixture="uniform",
+            seed=args.tune_seed,
+            eta=eta,
+        )
+        for rule in args.growth_rules
+        if rule in TUNED_ETA
+        for eta in args.etas
+    ]
+
+
+def choose_eta(recs: dict[float, dict], threshold: float) -> tuple[float, dict[float, dict]]:
+    """The eta whose run reaches the validation loss ``threshold`` (the best fixed run's) in the
+    fewest optimizer steps, read off its validation curve; where none reaches it, the one with
+    the lowest final validation loss. Returns it and, per eta, those two figures."""
+    table = {
+        eta: {
+            "steps_to_val_threshold": steps_to_reach(r, threshold, "val_loss"),
+            "val_loss": r["val_loss"],
+            "steps": r["steps"],
+        }
+        for eta, r in recs.items()
+    }
+    reached = {
+        e: t["steps_to_val_threshold"]
+        for e, t in table.items()
+        if t["steps_to_val_threshold"] is not None
+    }
+    if reached:
+        return min(reached, key=reached.get), table
+    return min(table, key=lambda e: table[e]["val_loss"]), table
+
+
+def grid_jobs(base, args, best_lr: dict[str, float], eta: dict[str, float] | None = None):
+    eta = eta or {}
     jobs = []
     mix = args.mixture_rule
     for seed in args.seeds:
@@ -240,6 +305,7 @@ def grid_jobs(base, args, best_lr: dict[str, float]):
                         lr=best_lr["small"],
                         mixture=mixture,
                         seed=seed,
+                        eta=eta.get(rule),
                     )
                 )
     return jobs
@@ -251,17 +317,18 @@ def config_of(run: dict[str, Any]) -> str:
     return config_name(c["growth"], size, c["mixture"])
 
 
-def steps_to_reach(run: dict[str, Any], threshold: float) -> float | None:
-    """Optimizer steps at which the run's test curve first reaches ``threshold`` (linear
-    interpolation between evaluations); None when it never does."""
+def steps_to_reach(run: dict[str, Any], threshold: float, key: str = "test_loss") -> float | None:
+    """Optimizer steps at which the run's test (or, with ``key="val_loss"``, validation) curve
+    first reaches ``threshold`` (linear interpolation between evaluations); None when it never
+    does."""
     ev = run["evals"]
     for a, b in itertools.pairwise(ev):
-        if b["test_loss"] <= threshold:
-            if a["test_loss"] <= threshold:
+        if b[key] <= threshold:
+            if a[key] <= threshold:
                 return float(a["step"])
-            f = (a["test_loss"] - threshold) / (a["test_loss"] - b["test_loss"])
+            f = (a[key] - threshold) / (a[key] - b[key])
             return float(a["step"] + f * (b["step"] - a["step"]))
-    if ev and ev[0]["test_loss"] <= threshold:
+    if ev and ev[0][key] <= threshold:
         return float(ev[0]["step"])
     return None
 
@@ -297,7 +364,14 @@ def summarise(runs: list[dict[str, Any]], order: list[str]) -> dict[str, Any]:
     return table
 
 
-def write_markdown(path: Path, meta: dict, table: dict, goals: list[str], tuning: list[dict]):
+def write_markdown(
+    path: Path,
+    meta: dict,
+    table: dict,
+    goals: list[str],
+    tuning: list[dict],
+    eta_tuning: list[dict] | None = None,
+):
     lines = [
         f"# LM pretraining with the whole toolkit{' (QUICK DRY RUN: not a result)' if meta['quick'] else ''}",
         "",
@@ -318,6 +392,32 @@ def write_markdown(path: Path, meta: dict, table: dict, goals: list[str], tuning
             for t in tuning
         ),
         "",
+        *(
+            [
+                "Variance tests' eta (validation, seed "
+                f"{meta['tune_seed']}, small batch at its lr; the fewest steps to the best fixed "
+                "validation loss "
+                f"{eta_tuning[0]['val_threshold']:.4f}, else the lowest final validation loss): "
+                + "; ".join(
+                    f"{t['rule']}: "
+                    + ", ".join(
+                        f"eta {float(e):g} → "
+                        + (
+                            "never"
+                            if v["steps_to_val_threshold"] is None
+                            else f"{v['steps_to_val_threshold']:.0f} steps"
+                        )
+                        + f" (val {v['val_loss']:.4f})"
+                        for e, v in t["etas"].items()
+                    )
+                    + f" (kept {t['best_eta']:g})"
+                    for t in eta_tuning
+                ),
+                "",
+            ]
+            if eta_tuning
+            else []
+        ),
         "| run | kind | mixture | lr | test loss (mean ± sd) | spread | steps | tokens | final batch "
         "| steps to best fixed loss (reached) | wall s | sensor share |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -432,11 +532,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = base_config(args)
     placeholder = dict.fromkeys(SIZES, args.lrs[0])
     if args.plan:
-        tune = tuning_jobs(base, args)
-        grid = [
+        tune = tuning_jobs(base, args) + eta_jobs(base, args, args.lrs[0])
+        grid = [  # the tuning seed's fixed and variance-test runs come from the tuning
             j
             for j in grid_jobs(base, args, placeholder)
-            if not (j.seed == args.tune_seed and j.growth == "none" and j.mixture == "uniform")
+            if not (
+                j.seed == args.tune_seed
+                and j.mixture == "uniform"
+                and j.growth in ("none", *TUNED_ETA)
+            )
         ]
         n = len(tune) + len(grid)
         tokens = sum((j.tokens // j.context) * j.context for j in tune + grid)
@@ -525,7 +629,23 @@ def _grid(args, name, base, sizes, run, partial, tqdm) -> dict[str, Any]:
         tuning.append(
             {"size": size, "batch_size": sizes[size], "val": val, "best_lr": best_lr[size]}
         )
-    runs = [run(c) for c in tqdm(grid_jobs(base, args, best_lr), desc="grid")]
+    # the variance tests' eta, on validation: the fewest steps to the best fixed validation loss
+    val_threshold = min(t["val"][t["best_lr"]] for t in tuning)
+    eta_tuning, best_eta = [], {}
+    jobs = eta_jobs(base, args, best_lr["small"])
+    recs = {c.name: run(c) for c in tqdm(jobs, desc="tuning eta")}
+    for rule in [r for r in args.growth_rules if r in TUNED_ETA]:
+        by_eta = {c.eta: recs[c.name] for c in jobs if c.growth == rule}
+        best_eta[rule], table = choose_eta(by_eta, val_threshold)
+        eta_tuning.append(
+            {
+                "rule": rule,
+                "val_threshold": val_threshold,
+                "etas": table,
+                "best_eta": best_eta[rule],
+            }
+        )
+    runs = [run(c) for c in tqdm(grid_jobs(base, args, best_lr, best_eta), desc="grid")]
     for r in runs:
         r["config_name"] = config_of(r)
     order = list(dict.fromkeys(r["config_name"] for r in runs))
@@ -559,6 +679,7 @@ def _grid(args, name, base, sizes, run, partial, tqdm) -> dict[str, Any]:
         "evals": cfg0.evals,
         "batch_sizes": sizes,
         "best_lr": best_lr,
+        "best_eta": best_eta,
         "best_fixed": best_fixed,
         "best_fixed_loss": threshold,
         "total_seconds": time.perf_counter() - t0,
@@ -587,12 +708,13 @@ def _grid(args, name, base, sizes, run, partial, tqdm) -> dict[str, Any]:
     result = {
         "meta": meta,
         "tuning": tuning,
+        "eta_tuning": eta_tuning,
         "summary": table,
         "goals": goals,
         "runs": [{k: r[k] for k in keep} for r in runs],
     }
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    write_markdown(args.out / f"{name}.md", meta, table, goals, tuning)
+    write_markdown(args.out / f"{name}.md", meta, table, goals, tuning, eta_tuning)
     plot(args.out / f"{name}.png", runs, order, args.seeds[0])
     partial.unlink(missing_ok=True)
     print((args.out / f"{name}.md").read_text())

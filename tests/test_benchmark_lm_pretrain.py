@@ -42,10 +42,34 @@ bench = _load()
 
 def test_plan_counts_the_grid():
     out = bench.main(["--plan"])
-    # tuning: 3 sizes x 3 lrs; per seed: 3 fixed + fixed-small with the rule + 4 rules x 2
-    # mixtures = 12, the tuning seed's 3 fixed runs reused
-    assert out["runs"] == 9 + 3 * 12 - 3
+    # tuning: 3 sizes x 3 lrs, and the 2 variance tests x 3 etas; per seed: 3 fixed +
+    # fixed-small with the rule + 4 rules x 2 mixtures = 12, the tuning seed's 3 fixed runs and
+    # its 2 uniform variance-test runs reused
+    assert out["runs"] == 9 + 6 + 3 * 12 - 3 - 2
     assert out["tokens"] == out["runs"] * (5_000_000 // 256) * 256
+
+
+def test_choose_eta_takes_the_fewest_steps_to_the_validation_threshold():
+    def rec(curve, steps=30):
+        return {
+            "evals": [{"step": s, "val_loss": v} for s, v in curve],
+            "val_loss": curve[-1][1],
+            "steps": steps,
+        }
+
+    recs = {
+        0.5: rec([(0, 5.0), (10, 3.4), (20, 3.2)]),  # never reaches 3.0; lowest final loss
+        1.0: rec([(0, 5.0), (10, 4.0), (30, 2.9)]),  # reaches 3.0 at step 10 + 20·(1/1.1)
+        2.0: rec([(0, 5.0), (30, 3.5), (40, 2.0)]),  # reaches it at 30 + 10·(0.5/1.5)
+    }
+    eta, table = bench.choose_eta(recs, 3.0)
+    assert eta == 1.0
+    assert table[1.0]["steps_to_val_threshold"] == pytest.approx(10 + 20 / 1.1)
+    assert table[2.0]["steps_to_val_threshold"] == pytest.approx(30 + 10 / 3)
+    assert table[0.5]["steps_to_val_threshold"] is None
+    # none reaches it: the lowest final validation loss
+    eta, _ = bench.choose_eta(recs, 1.0)
+    assert eta == 2.0
 
 
 def test_steps_to_reach_interpolates_the_test_curve():
@@ -102,6 +126,17 @@ def test_quick_dry_run_writes_the_schema(tmp_path):
         assert "steps_to_best_fixed_loss" in r
         assert r["tokens"] == budget  # equal token budget
         assert r["test_loss"] == r["evals"][-1]["test_loss"]
+    # the norm test's eta: every --etas value tried on the tuning seed, the kept one by the rule
+    (t,) = saved["eta_tuning"]
+    assert t["rule"] == "norm" and len(t["etas"]) == 3
+    reached = {e: v["steps_to_val_threshold"] for e, v in t["etas"].items()}
+    if any(v is not None for v in reached.values()):
+        want = min((e for e in reached if reached[e] is not None), key=lambda e: reached[e])
+    else:
+        want = min(t["etas"], key=lambda e: t["etas"][e]["val_loss"])
+    assert float(want) == t["best_eta"] == saved["meta"]["best_eta"]["norm"]
+    norm_runs = [r for r in runs if r["config"]["growth"] == "norm"]
+    assert {r["config"]["eta"] for r in norm_runs} == {t["best_eta"]}
     # the lr of each fixed batch is the validation argmin of its tuning runs
     for t in saved["tuning"]:
         assert t["best_lr"] == float(min(t["val"], key=lambda k: t["val"][k]))
