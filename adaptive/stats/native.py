@@ -177,6 +177,9 @@ def targets_built() -> list[str]:
     return [name for name in TARGETS if _path(name) is not None]
 
 
+_opened: dict[str, ctypes.CDLL] = {}  # each build is loaded and checked once per process
+
+
 def _open(name: str) -> ctypes.CDLL:
     path = _path(name)
     if path is None:
@@ -190,6 +193,8 @@ def _open(name: str) -> ctypes.CDLL:
             f"{', '.join(sorted(TARGETS[name]))}); valid here: "
             f"{[t for t in targets_built() if supported(t)]}"
         )
+    if name in _opened:
+        return _opened[name]
     lib = ctypes.CDLL(str(path))
     for fn, argtypes in _SIGNATURES.items():
         getattr(lib, fn).restype = None if fn in _VOID else ctypes.c_int
@@ -198,6 +203,7 @@ def _open(name: str) -> ctypes.CDLL:
     want = _BLOCKING.get(name)
     if want is not None and lib.adaptive_psg_blocking() != want:
         raise RuntimeError(f"kernel build {name!r} has the wrong register blocking: rebuild it")
+    _opened[name] = lib
     return lib
 
 
