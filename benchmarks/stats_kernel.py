@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import datetime as dt
 import importlib.util
-import json
 import platform
 import statistics
 import sys
@@ -182,25 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--isa", choices=sorted(overhead.ISA_ENV), default=None)
-    p.add_argument("--quick", action="store_true", help="tiny shapes (the test's dry run)")
-    p.add_argument("--note", default="")
-    p.add_argument("--out", default=str(RESULTS / "stats_kernel"), help="path without suffix")
-    args = p.parse_args(argv)
-    if argv is None:
-        overhead.reexec_with_isa(args.isa)
-    elif args.isa:
-        p.error("--isa re-runs the process: use it from the command line")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    res = run_all(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    out.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
-    return res
+    return overhead.per_shape_cli(p, argv, run_all, markdown, RESULTS / "stats_kernel")
 
 
 if __name__ == "__main__":

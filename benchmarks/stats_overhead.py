@@ -875,6 +875,38 @@ def reexec_with_isa(isa: str | None) -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
 
 
+def per_shape_cli(
+    p: argparse.ArgumentParser,
+    argv: list[str] | None,
+    run_all: Callable[[argparse.Namespace], dict],
+    markdown: Callable[[dict], str],
+    out: Path,
+) -> dict:
+    """The command line the per-shape benchmarks share (stats_paths.py, stats_kernel.py): adds
+    ``--threads --isa --quick --note --out`` to ``p``, runs ``run_all`` under them (``--isa``
+    re-runs the process with the instruction sets capped) and writes ``<out>.json`` and
+    ``<out>.md``."""
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--isa", choices=sorted(ISA_ENV), default=None)
+    p.add_argument("--quick", action="store_true", help="tiny shapes (the test's dry run)")
+    p.add_argument("--note", default="")
+    p.add_argument("--out", default=str(out), help="path without suffix")
+    args = p.parse_args(argv)
+    if argv is None:
+        reexec_with_isa(args.isa)
+    elif args.isa:
+        p.error("--isa re-runs the process: use it from the command line")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = run_all(args)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    path.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+    return res
+
+
 def _cell(text: str) -> str:
     """Text for a Markdown table cell (no pipes, no line breaks)."""
     return text.replace("|", "/").replace("\n", " ")
