@@ -9,7 +9,8 @@ One module per rule family (the layout of Opacus' ``grad_sample/``):
   ``G_i = Δ_i X_iᵀ`` (Gram, materialised and compiled-kernel forms, the cost model);
 - :mod:`~adaptive.stats.rules.linear`, :mod:`~adaptive.stats.rules.conv`: ``nn.Linear``,
   ``nn.Conv1d``/``nn.Conv2d`` (im2col);
-- :mod:`~adaptive.stats.rules.embedding`: ``nn.Embedding`` (a masked Gram matrix over the tokens);
+- :mod:`~adaptive.stats.rules.embedding`: ``nn.Embedding`` (a masked Gram matrix over the
+  tokens; on CPU the compiled kernel's runs of equal ids);
 - :mod:`~adaptive.stats.rules.norms`: LayerNorm, RMSNorm, GroupNorm, BatchNorm in eval mode.
 
 This module assembles the built-in table; :mod:`adaptive.stats.registry` adds the rules users
