@@ -899,12 +899,16 @@ def per_shape_cli(
     if args.threads:
         torch.set_num_threads(args.threads)
     res = run_all(args)
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    path.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(Path(args.out), res, markdown)
     return res
+
+
+def write_results(out: Path, res: dict, markdown: Callable[[dict], str]) -> None:
+    """``<out>.json`` and ``<out>.md`` of a benchmark's results; the Markdown also printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
 
 
 def _cell(text: str) -> str:
@@ -1073,11 +1077,7 @@ def main() -> None:
     if args.clock is None:
         args.clock = "wall" if args.device.startswith("cuda") else "process"
     res = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    out.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(Path(args.out), res, markdown)
 
 
 if __name__ == "__main__":
