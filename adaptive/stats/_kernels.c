@@ -93,44 +93,16 @@ int adaptive_psg_blocking(void) {
 #define TILE_MID 1
 #define TILE_LAST 2
 
-/* One block of G_i: rows o0..o0+rows-1 (rows <= ROWS) of d, columns n0..n0+VW*nv-1
- * (1 <= nv <= LIN_NV) of the packed input xp (row stride np), over t_len positions. Adds the
- * block to S (or stores it, for the thread's first sample), its squares to *nacc and, where q
- * is given, its elementwise squares to Q (same layout as S). Where g is given (same layout
- * too), the positions are one tile, phase TILE_FIRST, TILE_MID or TILE_LAST: the block goes to
- * g, and only the last tile's, with g added, on to S, Q and *nacc. */
-static inline __attribute__((always_inline)) void
-block_impl(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp, ptrdiff_t np,
-           long t_len, int rows, int nv, float *s, float *q, ptrdiff_t s_so, vf *nacc, int first,
-           float *g, int phase) {
-    vf a[ROWS][LIN_NV];
-    memset(a, 0, sizeof(a));
-    if (rows == ROWS && nv == LIN_NV) {
-        for (long t = 0; t < t_len; t++) {
-            const float *xr = xp + t * np;
-            vf x[LIN_NV];
-#pragma GCC unroll 8
-            for (int v = 0; v < LIN_NV; v++) x[v] = LD(xr + VW * v);
-            const float *dr = d + t * d_st;
-#pragma GCC unroll 16
-            for (int r = 0; r < ROWS; r++) {
-                const float dv = dr[r * d_so];
-#pragma GCC unroll 8
-                for (int v = 0; v < LIN_NV; v++) a[r][v] += dv * x[v];
-            }
-        }
-    } else {
-        for (long t = 0; t < t_len; t++) {
-            const float *xr = xp + t * np;
-            const float *dr = d + t * d_st;
-            for (int v = 0; v < nv; v++) {
-                const vf x0 = LD(xr + VW * v);
-                for (int r = 0; r < rows; r++) a[r][v] += dr[r * d_so] * x0;
-            }
-        }
-    }
+/* The end of a block (see block_impl): the accumulators a go to g (a tile before the last),
+ * or on to S, Q and *nacc. */
+static inline __attribute__((always_inline)) void finish(vf a[ROWS][LIN_NV], int rows, int nv,
+                                                         float *s, float *q, ptrdiff_t s_so,
+                                                         vf *nacc, int first, float *g,
+                                                         int phase) {
     if (g) { /* one tile of positions: the block's sums over the tiles so far wait in g */
+#pragma GCC unroll 16
         for (int r = 0; r < rows; r++)
+#pragma GCC unroll 8
             for (int v = 0; v < nv; v++) {
                 float *gp = g + r * s_so + VW * v;
                 if (phase == TILE_LAST)
@@ -142,7 +114,9 @@ block_impl(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp, ptrd
     }
     /* four partial sums of squares, not one: one chain of dependent adds would stall */
     vf part[4] = {{0}, {0}, {0}, {0}};
+#pragma GCC unroll 16
     for (int r = 0; r < rows; r++)
+#pragma GCC unroll 8
         for (int v = 0; v < nv; v++) {
             float *sp = s + r * s_so + VW * v;
             const vf sq = a[r][v] * a[r][v];
@@ -156,18 +130,69 @@ block_impl(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp, ptrd
     *nacc += (part[0] + part[1]) + (part[2] + part[3]);
 }
 
+/* One block of G_i: rows o0..o0+rows-1 (rows <= ROWS) of d, columns n0..n0+VW*nv-1
+ * (1 <= nv <= LIN_NV) of the packed input xp (row stride np), over t_len positions. Adds the
+ * block to S (or stores it, for the thread's first sample), its squares to *nacc and, where q
+ * is given, its elementwise squares to Q (same layout as S). Where g is given (same layout
+ * too), the positions are one tile, phase TILE_FIRST, TILE_MID or TILE_LAST: the block goes to
+ * g, and only the last tile's, with g added, on to S, Q and *nacc. */
+static inline __attribute__((always_inline)) void
+block_impl(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp, ptrdiff_t np,
+           long t_len, int rows, int nv, float *s, float *q, ptrdiff_t s_so, vf *nacc, int first,
+           float *g, int phase) {
+    vf a[ROWS][LIN_NV];
+    memset(a, 0, sizeof(a));
+    for (long t = 0; t < t_len; t++) {
+        const float *xr = xp + t * np;
+        vf x[LIN_NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < nv; v++) x[v] = LD(xr + VW * v);
+        const float *dr = d + t * d_st;
+#pragma GCC unroll 16
+        for (int r = 0; r < rows; r++) {
+            const float dv = dr[r * d_so];
+#pragma GCC unroll 8
+            for (int v = 0; v < nv; v++) a[r][v] += dv * x[v];
+        }
+    }
+    finish(a, rows, nv, s, q, s_so, nacc, first, g, phase);
+}
+
+/* block_impl with rows and nv as constants wherever nv == LIN_NV: each such block's loops are
+ * unrolled and its accumulators stay in registers. With run-time bounds they go on the stack,
+ * which cost 10-13% of the kernel's time at 64 positions (AVX2 build), and the rows left over
+ * at the end of a layer (o_len not a multiple of ROWS) ran at a fraction of the speed. */
+static inline __attribute__((always_inline)) void
+block_fixed(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp, ptrdiff_t np,
+            long t_len, int rows, int nv, float *s, float *q, ptrdiff_t s_so, vf *nacc,
+            int first, float *g, int phase) {
+    _Static_assert(ROWS == 6, "block_fixed has a case for each row count up to ROWS");
+#define BLOCK_ROWS(R) \
+    block_impl(d, d_st, d_so, xp, np, t_len, R, LIN_NV, s, q, s_so, nacc, first, g, phase)
+    if (nv == LIN_NV) switch (rows) {
+        case ROWS: BLOCK_ROWS(ROWS); return;
+        case 1: BLOCK_ROWS(1); return;
+        case 2: BLOCK_ROWS(2); return;
+        case 3: BLOCK_ROWS(3); return;
+        case 4: BLOCK_ROWS(4); return;
+        case 5: BLOCK_ROWS(5); return;
+        }
+#undef BLOCK_ROWS
+    block_impl(d, d_st, d_so, xp, np, t_len, rows, nv, s, q, s_so, nacc, first, g, phase);
+}
+
 /* The block over all of a sample's positions (g constant NULL: no tile code), and over one
  * tile of them. */
 static inline void block(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp,
                          ptrdiff_t np, long t_len, int rows, int nv, float *s, float *q,
                          ptrdiff_t s_so, vf *nacc, int first) {
-    block_impl(d, d_st, d_so, xp, np, t_len, rows, nv, s, q, s_so, nacc, first, NULL, TILE_LAST);
+    block_fixed(d, d_st, d_so, xp, np, t_len, rows, nv, s, q, s_so, nacc, first, NULL, TILE_LAST);
 }
 
 static void block_tile(const float *d, ptrdiff_t d_st, ptrdiff_t d_so, const float *xp,
                        ptrdiff_t np, long t_len, int rows, int nv, float *s, float *q,
                        ptrdiff_t s_so, vf *nacc, int first, float *g, int phase) {
-    block_impl(d, d_st, d_so, xp, np, t_len, rows, nv, s, q, s_so, nacc, first, g, phase);
+    block_fixed(d, d_st, d_so, xp, np, t_len, rows, nv, s, q, s_so, nacc, first, g, phase);
 }
 
 /* Sample i's input rows, x_i[t, k] = a[i*sb + t*st + k*sn] for g = {sb, st, sn}, copied to xp
