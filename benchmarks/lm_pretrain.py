@@ -40,6 +40,7 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import math
 import os
 import platform
 import sys
@@ -100,9 +101,12 @@ def parser() -> argparse.ArgumentParser:
         "--etas",
         type=float,
         nargs="+",
-        default=[0.5, 1.0, 2.0],
+        default=[0.5, 0.7, 0.85, 1.0, 2.0],
+        # ‖ḡ‖² overstates |G|² by V/b, so the norm test grows, in expectation, only while
+        # b < B_simple·(1 − η²)/η²: η = 0.5 aims at 3·B_simple, 0.7 at B_simple, 0.85 at
+        # 0.38·B_simple, and η ≥ 1 grows on estimation noise alone
         help="the variance tests' eta (norm, inner_product), chosen on validation per rule: the "
-        "fewest steps to the best fixed batch's validation loss (default: 0.5 1 2)",
+        "fewest steps to the best fixed batch's validation loss (default: 0.5 0.7 0.85 1 2)",
     )
     p.add_argument("--interval", type=int, default=4)
     p.add_argument("--optimizer", choices=("adamw", "lamb"), default="adamw")
@@ -364,6 +368,43 @@ def summarise(runs: list[dict[str, Any]], order: list[str]) -> dict[str, Any]:
     return table
 
 
+def noise_scale_profile(
+    runs: list[dict[str, Any]], order: list[str], parts: int = 10
+) -> dict[str, list[float | None]]:
+    """The critical batch measured along each configuration's runs: the simple noise scale
+    ``B_simple = tr Σ / |G|²`` (McCandlish et al. 2018, arXiv 1812.06162), in sequences, per
+    ``1/parts`` of the token budget, from every growth test the sensor ran (all seeds pooled).
+
+    Pooled as a ratio of sums, ``Σ V / Σ (‖ḡ‖² − V/b)``, with ``V`` the test's per-sample
+    variance, ``ḡ`` its batch gradient and ``b`` its batch: ``‖ḡ‖² − V/b`` is the unbiased
+    estimate of ``|G|²``, which one test alone can put at or below zero. ``None`` where a part
+    has no test or its pooled ``|G|²`` is not positive. Configurations without tests (fixed
+    batches, the doubling warmup, whose history holds scheduled changes) are left out."""
+    out: dict[str, list[float | None]] = {}
+    for name in order:
+        num, den = np.zeros(parts), np.zeros(parts)
+        seen = np.zeros(parts, dtype=bool)
+        for r in runs:
+            if r["config_name"] != name:
+                continue
+            budget = r["budget_tokens"] / r["config"]["context"]  # in sequences
+            for h in r.get("growth_history") or []:
+                if "variance" not in h:  # a scheduled change (the warmup), not a test
+                    continue
+                if not (math.isfinite(h["variance"]) and math.isfinite(h["grad_sq_norm"])):
+                    continue  # the callback warned; it kept the batch
+                k = min(parts - 1, int(h["samples"] / budget * parts))
+                num[k] += h["variance"]
+                den[k] += h["grad_sq_norm"] - h["variance"] / h["stats_batch_size"]
+                seen[k] = True
+        if seen.any():
+            out[name] = [
+                float(n / d) if ok and d > 0 else None
+                for n, d, ok in zip(num, den, seen, strict=True)
+            ]
+    return out
+
+
 def write_markdown(
     path: Path,
     meta: dict,
@@ -371,6 +412,7 @@ def write_markdown(
     goals: list[str],
     tuning: list[dict],
     eta_tuning: list[dict] | None = None,
+    noise_scale: dict[str, list[float | None]] | None = None,
 ):
     lines = [
         f"# LM pretraining with the whole toolkit{' (QUICK DRY RUN: not a result)' if meta['quick'] else ''}",
@@ -445,6 +487,29 @@ def write_markdown(
         *[f"- {g}" for g in goals],
         "",
     ]
+    if noise_scale:
+        parts = len(next(iter(noise_scale.values())))
+        small = meta["batch_sizes"]["small"]
+        lines += [
+            "## The critical batch along the runs",
+            "",
+            "The simple noise scale B_simple = tr Σ / |G|² (McCandlish et al. 2018), in sequences "
+            f"of {meta['context']} tokens, that the sensor measured in each tenth of the token "
+            "budget (all seeds' growth tests pooled: Σ V / Σ (‖ḡ‖² − V/b)); the fixed small "
+            f"batch is {small} sequences. By McCandlish et al.'s model a batch b needs about "
+            "(1 + b / B_simple) × the fewest tokens and (1 + B_simple / b) × the fewest steps "
+            "to a given loss.",
+            "",
+            "| run | "
+            + " | ".join(f"{100 * k // parts}–{100 * (k + 1) // parts}%" for k in range(parts))
+            + " |",
+            "|---|" + "---:|" * parts,
+            *(
+                f"| {name} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in row) + " |"
+                for name, row in noise_scale.items()
+            ),
+            "",
+        ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -660,6 +725,7 @@ def _grid(args, name, base, sizes, run, partial, tqdm) -> dict[str, Any]:
         r["steps_to_best_fixed_loss"] = steps_to_reach(r, threshold)
     table = summarise(runs, order)
     goals = goals_text(table, args.growth_rules, args.mixture_rule)
+    noise_scale = noise_scale_profile(runs, order)
     cfg0 = base
     meta = {
         "quick": args.quick,
@@ -678,6 +744,7 @@ def _grid(args, name, base, sizes, run, partial, tqdm) -> dict[str, Any]:
         "precision": args.precision,
         "evals": cfg0.evals,
         "batch_sizes": sizes,
+        "context": cfg0.context,
         "best_lr": best_lr,
         "best_eta": best_eta,
         "best_fixed": best_fixed,
@@ -710,11 +777,12 @@ def _grid(args, name, base, sizes, run, partial, tqdm) -> dict[str, Any]:
         "tuning": tuning,
         "eta_tuning": eta_tuning,
         "summary": table,
+        "noise_scale_profile": noise_scale,
         "goals": goals,
         "runs": [{k: r[k] for k in keep} for r in runs],
     }
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    write_markdown(args.out / f"{name}.md", meta, table, goals, tuning, eta_tuning)
+    write_markdown(args.out / f"{name}.md", meta, table, goals, tuning, eta_tuning, noise_scale)
     plot(args.out / f"{name}.png", runs, order, args.seeds[0])
     partial.unlink(missing_ok=True)
     print((args.out / f"{name}.md").read_text())

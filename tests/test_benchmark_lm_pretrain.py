@@ -42,10 +42,10 @@ bench = _load()
 
 def test_plan_counts_the_grid():
     out = bench.main(["--plan"])
-    # tuning: 3 sizes x 3 lrs, and the 2 variance tests x 3 etas; per seed: 3 fixed +
+    # tuning: 3 sizes x 3 lrs, and the 2 variance tests x 5 etas; per seed: 3 fixed +
     # fixed-small with the rule + 4 rules x 2 mixtures = 12, the tuning seed's 3 fixed runs and
     # its 2 uniform variance-test runs reused
-    assert out["runs"] == 9 + 6 + 3 * 12 - 3 - 2
+    assert out["runs"] == 9 + 10 + 3 * 12 - 3 - 2
     assert out["tokens"] == out["runs"] * (5_000_000 // 256) * 256
 
 
@@ -70,6 +70,46 @@ def test_choose_eta_takes_the_fewest_steps_to_the_validation_threshold():
     # none reaches it: the lowest final validation loss
     eta, _ = bench.choose_eta(recs, 1.0)
     assert eta == 2.0
+
+
+def test_noise_scale_profile_pools_each_part_as_a_ratio_of_sums():
+    def run(name, tests):
+        return {
+            "config_name": name,
+            "budget_tokens": 1000 * 10,
+            "config": {"context": 10},  # a budget of 1000 sequences
+            "growth_history": [
+                {"samples": n, "variance": v, "grad_sq_norm": g, "stats_batch_size": b}
+                for n, v, g, b in tests
+            ],
+        }
+
+    runs = [
+        # seed 0: two tests in the first half, one in the second
+        run("norm", [(100, 8.0, 3.0, 4), (400, 4.0, 2.0, 2), (600, 6.0, 2.5, 4)]),
+        # seed 1: one test in the first half; the next test's |G|² estimate is negative; a
+        # non-finite test (the callback warns and keeps the batch) is skipped
+        run("norm", [(200, 2.0, 1.0, 2), (999, 9.0, 1.0, 3), (500, float("nan"), 1.0, 2)]),
+        {  # no tests, only scheduled changes: left out
+            "config_name": "warmup",
+            "budget_tokens": 10000,
+            "config": {"context": 10},
+            "growth_history": [{"samples": 300, "batch_size": 8}],
+        },
+    ]
+    prof = bench.noise_scale_profile(runs, ["norm", "warmup"], parts=2)
+    assert list(prof) == ["norm"]
+    # first half: V = 8 + 4 + 2; |G|² = (3 - 8/4) + (2 - 4/2) + (1 - 2/2) = 1
+    # second half: V = 6 + 9; |G|² = (2.5 - 6/4) + (1 - 9/3) = -1: not positive, no figure
+    assert prof["norm"] == [pytest.approx(14.0), None]
+    prof = bench.noise_scale_profile(runs[:1], ["norm"], parts=4)
+    # quarters: tests at 100 and 400 go to parts 0 and 1, 600 to part 2, none in part 3
+    assert prof["norm"] == [
+        pytest.approx(8.0 / 1.0),
+        None,  # |G|² = 2 - 4/2 = 0
+        pytest.approx(6.0 / 1.0),
+        None,
+    ]
 
 
 def test_steps_to_reach_interpolates_the_test_curve():
@@ -104,6 +144,10 @@ def test_quick_dry_run_writes_the_schema(tmp_path):
             "norm",
             "warmup",
             "noise_scale",
+            "--etas",
+            "0.5",
+            "1",
+            "2",
             "--out",
             str(tmp_path),
             "--cache",
@@ -114,6 +158,12 @@ def test_quick_dry_run_writes_the_schema(tmp_path):
     assert (tmp_path / "lm_pretrain_quick.png").stat().st_size > 5000
     md = (tmp_path / "lm_pretrain_quick.md").read_text()
     assert "QUICK DRY RUN" in md and "| fixed-small |" in md
+    # the critical batch the sensor measured: rules with growth tests only (not the warmup)
+    assert "## The critical batch along the runs" in md
+    prof = saved["noise_scale_profile"]
+    assert {"norm", "noise_scale"} <= set(prof) and "warmup" not in prof
+    assert all(len(row) == 10 for row in prof.values())
+    assert any(v is not None and v > 0 for row in prof.values() for v in row)
     runs = saved["runs"]
     # per seed: 3 fixed + fixed-small+rule + 3 rules x 2 mixtures
     assert len(runs) == 2 * (3 + 1 + 3 * 2)
