@@ -102,9 +102,8 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         nargs="+",
         default=[0.5, 0.7, 0.85, 1.0, 2.0],
-        # ‖ḡ‖² overstates |G|² by V/b, so the norm test grows, in expectation, only while
-        # b < B_simple·(1 − η²)/η²: η = 0.5 aims at 3·B_simple, 0.7 at B_simple, 0.85 at
-        # 0.38·B_simple, and η ≥ 1 grows on estimation noise alone
+        # the norm test's range (adaptive.batching.norm_test): from 3·B_simple (0.5) through
+        # B_simple (0.7) and 0.38·B_simple (0.85) to growth on estimation noise alone (≥ 1)
         help="the variance tests' eta (norm, inner_product), chosen on validation per rule: the "
         "fewest steps to the best fixed batch's validation loss (default: 0.5 0.7 0.85 1 2)",
     )

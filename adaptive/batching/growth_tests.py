@@ -74,7 +74,11 @@ def norm_test(stats: Any, eta: float = 0.1) -> torch.Tensor:
     ``V = (Σ_i ‖g_i‖² − b‖ḡ‖²)/(b − 1)`` is the summed per-coordinate sample variance (the
     ``variance`` field) and ``‖ḡ‖²`` the squared norm of the mean gradient (``grad_sq_norm``).
     The batch passes when ``b ≥ b̂``. Smaller ``η`` asks for larger batches; the AdAdaGrad
-    paper (arXiv 2402.11215) uses ``η = 0.1`` on MNIST and ``0.5`` on CIFAR-10.
+    paper (arXiv 2402.11215) uses ``η = 0.1`` on MNIST and ``0.5`` on CIFAR-10. Since
+    ``E‖ḡ‖² = |G|² + V/b``, the test asks, in expectation, for growth only while
+    ``b < B_simple·(1 − η²)/η²`` with ``B_simple = V/|G|²`` (McCandlish et al. 2018's simple
+    noise scale): ``η = 0.5`` aims at ``3·B_simple``, ``0.7`` at about ``B_simple``, and
+    ``η ≥ 1`` grows the batch only on estimation noise.
     """
     eta = _check_positive("eta", eta)
     variance = _field(stats, "variance")

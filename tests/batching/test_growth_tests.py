@@ -72,6 +72,31 @@ def test_norm_test_matches_byrd_formula(stats):
     assert (v / b <= 0.3**2 * gbar.square().sum()).item() == (b >= b_hat)
 
 
+@pytest.mark.parametrize("eta", [0.5, 0.7, 0.85, 1.0, 2.0])
+def test_norm_test_grows_only_below_the_noise_scale_bound(eta):
+    """E‖ḡ‖² = |G|² + V/b, so the test asks for more than b (in expectation) only while
+    b < B_simple·(1 − η²)/η², B_simple = V/|G|²: checked on Gaussian per-sample gradients, in
+    enough dimensions that one batch's estimates sit near their expectations, at noise scales
+    30% either side of the bound."""
+    g = torch.Generator().manual_seed(0)
+    b, d, sigma = 16, 20_000, 1.0
+    bound = (1 - eta**2) / eta**2  # growth iff b < B_simple · bound
+    for factor, grows in ((1.3, True), (1 / 1.3, False)):
+        if bound <= 0 and grows:
+            continue  # eta >= 1: no noise scale makes the test grow in expectation
+        noise_scale = b / bound * factor if bound > 0 else 10.0 * b  # B_simple = V / |G|²
+        v = d * sigma**2
+        mean = torch.zeros(d, dtype=torch.float64)
+        mean[0] = math.sqrt(v / noise_scale)  # |G|² = V / B_simple
+        per_sample = mean + sigma * torch.randn(b, d, generator=g, dtype=torch.float64)
+        gbar = per_sample.mean(0)
+        stats = SimpleNamespace(
+            variance=per_sample.var(0, unbiased=True).sum(),
+            grad_sq_norm=gbar.square().sum(),
+        )
+        assert (float(norm_test(stats, eta=eta)) > b) is grows, (eta, factor)
+
+
 def test_inner_product_and_orthogonality_formulas(stats):
     G = stats._G
     gbar = G.mean(0)
