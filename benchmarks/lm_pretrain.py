@@ -556,13 +556,29 @@ def goals_text(table: dict, growth_rules: list[str], mix: str) -> list[str]:
     return out
 
 
-def plot(path: Path, runs: list[dict], order: list[str], seed: int) -> None:
+def plot(
+    path: Path,
+    runs: list[dict],
+    order: list[str],
+    seed: int,
+    noise_scale: dict[str, list[float | None]] | None = None,
+) -> None:
+    """One seed's run per configuration; each growth rule's measured critical batch (the
+    ``noise_scale_profile``, all seeds) dotted over its batch size, at the middle of each part
+    of the budget."""
     chosen = []
+    critical: dict[str, list[tuple[float, float]]] = {}
     for name in order:
         r = next((r for r in runs if r["config_name"] == name and r["seed"] == seed), None)
-        if r is not None:
-            chosen.append({**r, "name": name})
-    lm.plot_runs(path, chosen)
+        if r is None:
+            continue
+        chosen.append({**r, "name": name})
+        row = (noise_scale or {}).get(name)
+        if row:
+            critical[name] = [
+                ((k + 0.5) / len(row) * r["tokens"], v) for k, v in enumerate(row) if v is not None
+            ]
+    lm.plot_runs(path, chosen, critical)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -782,7 +798,7 @@ def _grid(args, name, base, sizes, run, partial, tqdm) -> dict[str, Any]:
     }
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
     write_markdown(args.out / f"{name}.md", meta, table, goals, tuning, eta_tuning, noise_scale)
-    plot(args.out / f"{name}.png", runs, order, args.seeds[0])
+    plot(args.out / f"{name}.png", runs, order, args.seeds[0], noise_scale)
     partial.unlink(missing_ok=True)
     print((args.out / f"{name}.md").read_text())
     return result

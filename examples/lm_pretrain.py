@@ -797,9 +797,14 @@ def train(
 
 
 # ====================================================================================== plots
-def plot_runs(path: Path, runs: Sequence[dict[str, Any]]) -> Path:
-    """Loss vs tokens and vs optimizer steps (test, validation dashed), batch size vs tokens,
-    and the first mixture run's weights vs tokens."""
+def plot_runs(
+    path: Path,
+    runs: Sequence[dict[str, Any]],
+    critical: dict[str, Sequence[tuple[float, float]]] | None = None,
+) -> Path:
+    """Loss vs tokens and vs optimizer steps (test, validation dashed), batch size vs tokens
+    (with ``critical[name]``, (tokens, sequences) points of the measured critical batch, dotted
+    in the run's colour), and the first mixture run's weights vs tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -818,11 +823,14 @@ def plot_runs(path: Path, runs: Sequence[dict[str, Any]]) -> Path:
         xs = [b["tokens"] for b in bt] + [run["tokens"]]
         ys = [b["batch_size"] for b in bt] + [bt[-1]["batch_size"]]
         axes[2].step(xs, ys, where="post", color=c)
+        if critical and critical.get(run["name"]):
+            cx, cy = zip(*critical[run["name"]], strict=True)
+            axes[2].plot(cx, cy, color=c, ls=":", marker=".", lw=1)
     for ax, xl in zip(axes[:3], ("tokens", "optimizer steps", "tokens"), strict=True):
         ax.set_xlabel(xl)
     axes[0].set_ylabel("target-mix loss (nats; test solid, val dashed)")
     axes[1].set_ylabel("target-mix test loss")
-    axes[2].set_ylabel("batch size (sequences)")
+    axes[2].set_ylabel("batch (sequences)" + ("; dotted: B_simple" if critical else ""))
     axes[2].set_yscale("log", base=2)
     axes[0].legend(fontsize=7)
     mixed = [r for r in runs if r["mixture"] != "uniform"]

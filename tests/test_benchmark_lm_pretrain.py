@@ -112,6 +112,25 @@ def test_noise_scale_profile_pools_each_part_as_a_ratio_of_sums():
     ]
 
 
+def test_plot_dots_each_rules_critical_batch_over_its_batch_size(monkeypatch, tmp_path):
+    got = {}
+    monkeypatch.setattr(
+        bench.lm,
+        "plot_runs",
+        lambda path, runs, critical: got.update(names=[r["name"] for r in runs], critical=critical),
+    )
+    runs = [
+        {"config_name": "fixed-small", "seed": 0, "tokens": 1000},
+        {"config_name": "norm", "seed": 1, "tokens": 1000},  # another seed: not plotted
+        {"config_name": "norm", "seed": 0, "tokens": 1000},
+    ]
+    profile = {"norm": [2.0, None, 8.0, 16.0]}  # quarters of the budget; one without a figure
+    bench.plot(tmp_path / "p.png", runs, ["fixed-small", "norm"], 0, profile)
+    assert got["names"] == ["fixed-small", "norm"]
+    # at the middle of each quarter: 125, (375 left out), 625, 875 tokens
+    assert got["critical"] == {"norm": [(125.0, 2.0), (625.0, 8.0), (875.0, 16.0)]}
+
+
 def test_steps_to_reach_interpolates_the_test_curve():
     run = {
         "evals": [
