@@ -358,15 +358,12 @@ int adaptive_psg_linear(const float *d, ptrdiff_t d_sb, ptrdiff_t d_st, ptrdiff_
             if (!g) /* one tile: each block over all positions */
                 for (long o0 = o_lo; o0 < o_hi; o0 += ROWS) {
                     const int rows = o_len - o0 < ROWS ? (int)(o_len - o0) : ROWS;
-                    long c0 = 0;
-                    for (; c0 + VW * LIN_NV <= np; c0 += VW * LIN_NV)
-                        block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows, LIN_NV,
+                    for (long c0 = 0; c0 < np; c0 += VW * LIN_NV) {
+                        const int nv = np - c0 >= VW * LIN_NV ? LIN_NV : (int)((np - c0) / VW);
+                        block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows, nv,
                               sk + o0 * np + c0, qk ? qk + o0 * np + c0 : NULL, np, &nacc,
                               i == i0);
-                    if (c0 < np)
-                        block(di + o0 * d_so, d_st, d_so, xp + c0, np, t_len, rows,
-                              (int)((np - c0) / VW), sk + o0 * np + c0,
-                              qk ? qk + o0 * np + c0 : NULL, np, &nacc, i == i0);
+                    }
                 }
             else
                 tiled(di, d_st, d_so, xp, np, t_len, o_lo, o_hi, o_len, sk, qk, &nacc, i == i0,
