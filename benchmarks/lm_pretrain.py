@@ -438,7 +438,8 @@ def write_markdown(
                 "Variance tests' eta (validation, seed "
                 f"{meta['tune_seed']}, small batch at its lr; the fewest steps to the best fixed "
                 "validation loss "
-                f"{eta_tuning[0]['val_threshold']:.4f}, else the lowest final validation loss): "
+                f"{eta_tuning[0]['val_threshold']:.4f}, else the lowest final validation loss; "
+                "each run's optimizer steps over the whole budget in brackets): "
                 + "; ".join(
                     f"{t['rule']}: "
                     + ", ".join(
@@ -448,7 +449,7 @@ def write_markdown(
                             if v["steps_to_val_threshold"] is None
                             else f"{v['steps_to_val_threshold']:.0f} steps"
                         )
-                        + f" (val {v['val_loss']:.4f})"
+                        + f" (val {v['val_loss']:.4f}, {v['steps']} steps)"
                         for e, v in t["etas"].items()
                     )
                     + f" (kept {t['best_eta']:g})"
