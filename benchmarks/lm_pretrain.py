@@ -347,6 +347,8 @@ def summarise(runs: list[dict[str, Any]], order: list[str]) -> dict[str, Any]:
             "kind": rs[0]["kind"],
             "mixture": rs[0]["mixture"],
             "lr": rs[0]["config"]["lr"],
+            # the variance tests' tuned eta; the other rules have none
+            "eta": rs[0]["config"]["eta"] if rs[0]["config"]["growth"] in TUNED_ETA else None,
             "seeds": [r["seed"] for r in rs],
             "test_loss_mean": float(loss.mean()),
             "test_loss_sd": float(loss.std(ddof=1)) if len(loss) > 1 else 0.0,
@@ -460,14 +462,16 @@ def write_markdown(
             if eta_tuning
             else []
         ),
-        "| run | kind | mixture | lr | test loss (mean ± sd) | spread | steps | tokens | final batch "
-        "| steps to best fixed loss (reached) | wall s | sensor share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | kind | mixture | lr | eta | test loss (mean ± sd) | spread | steps | tokens "
+        "| final batch | steps to best fixed loss (reached) | wall s | sensor share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in table.items():
         st = s["steps_to_best_fixed_loss_mean"]
+        eta = "-" if s.get("eta") is None else f"{s['eta']:g}"
         lines.append(
-            f"| {name} | {s['kind']} | {s['mixture']} | {s['lr']:g} | {s['test_loss_mean']:.4f} ± "
+            f"| {name} | {s['kind']} | {s['mixture']} | {s['lr']:g} | {eta} | "
+            f"{s['test_loss_mean']:.4f} ± "
             f"{s['test_loss_sd']:.4f} | {s['test_loss_spread']:.4f} | {s['steps_mean']:.0f} | "
             f"{s['tokens']:,} | {s['final_batch_mean']:.0f} | "
             f"{'never' if st is None else f'{st:.0f}'} ({s['reached_best_fixed_loss']}) | "

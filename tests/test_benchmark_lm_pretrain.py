@@ -206,6 +206,10 @@ def test_quick_dry_run_writes_the_schema(tmp_path):
     assert float(want) == t["best_eta"] == saved["meta"]["best_eta"]["norm"]
     norm_runs = [r for r in runs if r["config"]["growth"] == "norm"]
     assert {r["config"]["eta"] for r in norm_runs} == {t["best_eta"]}
+    # the table names the kept eta for the variance tests only
+    assert saved["summary"]["norm"]["eta"] == t["best_eta"]
+    assert saved["summary"]["fixed-small"]["eta"] is None
+    assert saved["summary"]["warmup"]["eta"] is None
     # the lr of each fixed batch is the validation argmin of its tuning runs
     for t in saved["tuning"]:
         assert t["best_lr"] == float(min(t["val"], key=lambda k: t["val"][k]))
