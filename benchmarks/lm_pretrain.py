@@ -423,7 +423,13 @@ def write_markdown(
         f"{meta['date']}. Model: {meta['model']}. Budget {meta['tokens']:,} tokens per run; seeds "
         f"{meta['seeds']}; {meta['optimizer']}, {meta['schedule']} schedule clocked in tokens; "
         f"precision {meta.get('precision', '32-true')}. "
-        "Loss: target-mix next-byte cross-entropy (nats) on held-out *test* documents; the lrs "
+        + (
+            f"{meta['runs_trained']} runs with the tuning, {meta['total_seconds'] / 3600:.1f} h "
+            "of training in all. "
+            if "runs_trained" in meta
+            else ""
+        )
+        + "Loss: target-mix next-byte cross-entropy (nats) on held-out *test* documents; the lrs "
         "were chosen on *validation* documents.",
         "",
         "Learning-rate tuning (validation target-mix loss, seed "
@@ -692,9 +698,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"stopped_before": str(stop), "runs_done": len(done)}
 
 
-def _grid(args, name, base, sizes, run, partial, tqdm) -> dict[str, Any]:
-    """The tuning runs, the grid, and the result files (every run through ``run``)."""
-    t0 = time.perf_counter()
+def _grid(args, name, base, sizes, train, partial, tqdm) -> dict[str, Any]:
+    """The tuning runs, the grid, and the result files (every run through ``train``)."""
+    used: dict[str, dict] = {}  # every run this grid reads, trained now or in an earlier process
+
+    def run(cfg) -> dict:
+        used[cfg.name] = rec = train(cfg)
+        return rec
+
     tuning, best_lr = [], {}
     for size in SIZES:
         recs = [
@@ -769,7 +780,9 @@ def _grid(args, name, base, sizes, run, partial, tqdm) -> dict[str, Any]:
         "best_eta": best_eta,
         "best_fixed": best_fixed,
         "best_fixed_loss": threshold,
-        "total_seconds": time.perf_counter() - t0,
+        # summed over runs: a grid resumed across processes took longer than the last one
+        "runs_trained": len(used),
+        "total_seconds": sum(r["wall_seconds"] for r in used.values()),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     keep = (

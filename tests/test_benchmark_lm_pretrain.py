@@ -236,6 +236,12 @@ def test_quick_dry_run_writes_the_schema(tmp_path):
     # fixed runs keep their batch; larger fixed batches take fewer steps
     steps = {n: saved["summary"][n]["steps_mean"] for n in ("fixed-small", "fixed-large")}
     assert steps["fixed-large"] < steps["fixed-small"]
+    # the training time is summed over every run the grid read: tuning, eta tuning and grid
+    trained = sum(len(t["val"]) for t in saved["tuning"]) + 3  # 3 etas of the norm test
+    trained += len(runs) - 3 - 1  # seed 0's fixed and norm runs are the tuning runs
+    assert saved["meta"]["runs_trained"] == trained
+    assert saved["meta"]["total_seconds"] > sum(r["wall_seconds"] for r in runs)
+    assert f"{trained} runs with the tuning" in md
     assert result["goals"]  # the closing verdicts are written
 
 
