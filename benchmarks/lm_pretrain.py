@@ -350,6 +350,7 @@ def summarise(runs: list[dict[str, Any]], order: list[str]) -> dict[str, Any]:
             # the variance tests' tuned eta; the other rules have none
             "eta": rs[0]["config"]["eta"] if rs[0]["config"]["growth"] in TUNED_ETA else None,
             "seeds": [r["seed"] for r in rs],
+            "test_losses": loss.tolist(),  # in the order of "seeds"
             "test_loss_mean": float(loss.mean()),
             "test_loss_sd": float(loss.std(ddof=1)) if len(loss) > 1 else 0.0,
             "test_loss_spread": float(loss.max() - loss.min()),
@@ -367,6 +368,21 @@ def summarise(runs: list[dict[str, Any]], order: list[str]) -> dict[str, Any]:
         table[name]["steps_to_best_fixed_loss_mean"] = float(np.mean(got)) if got else None
         table[name]["reached_best_fixed_loss"] = f"{len(got)}/{len(rs)}"
     return table
+
+
+def equal_loss_steps(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any] | None:
+    """Steps each configuration in ``names`` needs to a loss all of them reach: the highest final
+    test loss among their runs (every run ends at or below it). The mean over seeds per name."""
+    rs = [r for r in runs if r["config_name"] in names]
+    if not rs:
+        return None
+    level = max(r["test_loss"] for r in rs)
+    steps = {}
+    for name in names:
+        got = [steps_to_reach(r, level) for r in rs if r["config_name"] == name]
+        if got:
+            steps[name] = float(np.mean(got))
+    return {"test_loss": float(level), "steps": steps}
 
 
 def noise_scale_profile(
@@ -523,7 +539,9 @@ def write_markdown(
     path.write_text("\n".join(lines) + "\n")
 
 
-def goals_text(table: dict, growth_rules: list[str], mix: str) -> list[str]:
+def goals_text(
+    table: dict, growth_rules: list[str], mix: str, equal: dict[str, Any] | None = None
+) -> list[str]:
     out = []
     small = table.get("fixed-small")
     if small:
@@ -549,11 +567,29 @@ def goals_text(table: dict, growth_rules: list[str], mix: str) -> list[str]:
                     f"{rule}: reached the best fixed loss in {st:.0f} steps against fixed-small's "
                     f"{small['steps_mean']:.0f} ({saving:+.0%} fewer; goal ≥ 50%: {verdict})"
                 )
+    if equal and equal["steps"]:
+        st = equal["steps"]
+        baselines = [b for b in ("warmup", "noise_scale") if b in st]
+        listed = ", ".join(f"{n} {v:.0f}" for n, v in st.items())
+        for rule in [r for r in st if r in TUNED_ETA]:
+            if baselines:
+                beats = all(st[rule] < st[b] for b in baselines)
+                out.append(
+                    f"{rule} against {' and '.join(baselines)} on steps at equal loss (test "
+                    f"{equal['test_loss']:.4f}, the highest final loss among them; {listed}): "
+                    f"{'met' if beats else 'NOT met'}"
+                )
     for head in ["fixed-small", *growth_rules]:
         u, m = table.get(head), table.get(f"{head}+{mix}")
         if not u or not m:
             continue
         gain = u["test_loss_mean"] - m["test_loss_mean"]
+        mixed = dict(zip(m["seeds"], m["test_losses"], strict=True))
+        paired = [
+            f"{a - mixed[seed]:+.4f}"
+            for seed, a in zip(u["seeds"], u["test_losses"], strict=True)
+            if seed in mixed
+        ]
         spread = max(u["test_loss_spread"], m["test_loss_spread"])
         if min(len(u["seeds"]), len(m["seeds"])) < 2:
             verdict = "one seed: no spread, no verdict"
@@ -562,7 +598,8 @@ def goals_text(table: dict, growth_rules: list[str], mix: str) -> list[str]:
         else:
             verdict = "NOT beyond the seed spread"
         out.append(
-            f"{head}: {mix} vs uniform: test loss {gain:+.4f} ({verdict}, spread {spread:.4f})"
+            f"{head}: {mix} vs uniform: test loss {gain:+.4f} ({verdict}, spread {spread:.4f}; "
+            f"per seed {', '.join(paired)})"
         )
     return out
 
@@ -755,7 +792,8 @@ def _grid(args, name, base, sizes, train, partial, tqdm) -> dict[str, Any]:
     for r in runs:
         r["steps_to_best_fixed_loss"] = steps_to_reach(r, threshold)
     table = summarise(runs, order)
-    goals = goals_text(table, args.growth_rules, args.mixture_rule)
+    equal = equal_loss_steps(runs, [r for r in args.growth_rules if r in order])
+    goals = goals_text(table, args.growth_rules, args.mixture_rule, equal)
     noise_scale = noise_scale_profile(runs, order)
     cfg0 = base
     meta = {
@@ -810,6 +848,7 @@ def _grid(args, name, base, sizes, train, partial, tqdm) -> dict[str, Any]:
         "tuning": tuning,
         "eta_tuning": eta_tuning,
         "summary": table,
+        "equal_loss_steps": equal,
         "noise_scale_profile": noise_scale,
         "goals": goals,
         "runs": [{k: r[k] for k in keep} for r in runs],

@@ -144,6 +144,62 @@ def test_steps_to_reach_interpolates_the_test_curve():
     assert bench.steps_to_reach(run, 2.9) is None
 
 
+def _curve(name, seed, points):
+    return {
+        "config_name": name,
+        "seed": seed,
+        "test_loss": points[-1][1],
+        "evals": [{"step": st, "test_loss": loss} for st, loss in points],
+    }
+
+
+def test_equal_loss_steps_reads_every_curve_at_the_highest_final_loss():
+    runs = [
+        _curve("norm", 0, [(0, 5.0), (100, 3.0), (200, 2.0)]),
+        _curve("norm", 1, [(0, 5.0), (100, 2.6), (200, 2.2)]),
+        _curve("warmup", 0, [(0, 5.0), (50, 3.0), (80, 2.5)]),  # the highest final loss
+        _curve("fixed-small", 0, [(0, 5.0), (10, 1.0)]),  # not compared: ignored
+    ]
+    got = bench.equal_loss_steps(runs, ["norm", "warmup", "noise_scale"])
+    assert got["test_loss"] == 2.5
+    # norm s0: 3.0 → 2.0 over 100..200 crosses 2.5 halfway, at 150; s1: 5.0 → 2.6 over 0..100
+    # never, 2.6 → 2.2 over 100..200 crosses at 100 + 100 * 0.1 / 0.4 = 125
+    assert got["steps"]["norm"] == pytest.approx((150 + 125) / 2)
+    assert got["steps"]["warmup"] == pytest.approx(80.0)
+    assert "noise_scale" not in got["steps"]  # no runs
+    assert bench.equal_loss_steps(runs, ["inner_product"]) is None
+
+
+def test_goals_pair_the_mixture_gain_by_seed_and_compare_steps_at_equal_loss():
+    def row(seeds, losses, steps=1000.0):
+        return {
+            "seeds": seeds,
+            "test_losses": losses,
+            "test_loss_mean": sum(losses) / len(losses),
+            "test_loss_spread": max(losses) - min(losses),
+            "steps_mean": steps,
+            "steps_to_best_fixed_loss_mean": None,
+            "reached_best_fixed_loss": f"0/{len(seeds)}",
+        }
+
+    table = {
+        "fixed-small": row([0, 1, 2], [1.50, 1.40, 1.45]),
+        "fixed-small+mix": row([2, 0, 1], [1.44, 1.49, 1.38]),  # another order of seeds
+    }
+    equal = {"test_loss": 1.6, "steps": {"norm": 300.0, "warmup": 400.0, "noise_scale": 250.0}}
+    goals = bench.goals_text(table, ["norm"], "mix", equal)
+    (mix,) = [g for g in goals if g.startswith("fixed-small: mix")]
+    # paired by seed: 1.50 - 1.49, 1.40 - 1.38, 1.45 - 1.44; the mean gain 0.0133 is within the
+    # spread 0.11 of either configuration
+    assert "per seed +0.0100, +0.0200, +0.0100" in mix
+    assert "+0.0133 (NOT beyond the seed spread, spread 0.1100" in mix
+    (eq,) = [g for g in goals if "equal loss" in g]
+    assert eq.startswith("norm against warmup and noise_scale") and eq.endswith("NOT met")
+    equal["steps"]["noise_scale"] = 350.0
+    (eq,) = [g for g in bench.goals_text(table, ["norm"], "mix", equal) if "equal loss" in g]
+    assert eq.endswith(": met")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     bool(MISSING), reason=f"text packages missing: apt-get install -y {' '.join(MISSING)}"
@@ -242,6 +298,11 @@ def test_quick_dry_run_writes_the_schema(tmp_path):
     assert saved["meta"]["runs_trained"] == trained
     assert saved["meta"]["total_seconds"] > sum(r["wall_seconds"] for r in runs)
     assert f"{trained} runs with the tuning" in md
+    # steps at equal loss: every growth rule's curve read at the highest final loss among them
+    eq = saved["equal_loss_steps"]
+    growth = [r for r in runs if r["config_name"] in ("norm", "warmup", "noise_scale")]
+    assert eq["test_loss"] == max(r["test_loss"] for r in growth)
+    assert set(eq["steps"]) == {"norm", "warmup", "noise_scale"}
     assert result["goals"]  # the closing verdicts are written
 
 
