@@ -797,6 +797,15 @@ def train(
 
 
 # ====================================================================================== plots
+def loss_window(runs: Sequence[dict[str, Any]]) -> tuple[float, float]:
+    """The loss axes' range: from just under the lowest loss any curve reaches to the highest
+    final test loss plus the spread between the two (at least 0.5 nats), so the late part of
+    training, where the runs differ, fills the panel; the first fall runs off the top."""
+    lo = min(min(e["test_loss"], e["val_loss"]) for r in runs for e in r["evals"])
+    hi = max(r["evals"][-1]["test_loss"] for r in runs)
+    return lo - 0.02, hi + max(0.5, hi - lo)
+
+
 def plot_runs(
     path: Path,
     runs: Sequence[dict[str, Any]],
@@ -816,9 +825,11 @@ def plot_runs(
         c = colors[i % len(colors)]
         ev = run["evals"]
         tok = [e["tokens"] for e in ev]
-        axes[0].plot(tok, [e["test_loss"] for e in ev], color=c, label=run["name"])
+        axes[0].plot(tok, [e["test_loss"] for e in ev], color=c)
         axes[0].plot(tok, [e["val_loss"] for e in ev], color=c, ls="--", lw=0.8)
-        axes[1].plot([e["step"] for e in ev], [e["test_loss"] for e in ev], color=c)
+        axes[1].plot(
+            [e["step"] for e in ev], [e["test_loss"] for e in ev], color=c, label=run["name"]
+        )
         bt = run["batch_size_trajectory"]
         xs = [b["tokens"] for b in bt] + [run["tokens"]]
         ys = [b["batch_size"] for b in bt] + [bt[-1]["batch_size"]]
@@ -830,9 +841,12 @@ def plot_runs(
         ax.set_xlabel(xl)
     axes[0].set_ylabel("target-mix loss (nats; test solid, val dashed)")
     axes[1].set_ylabel("target-mix test loss")
+    for ax in axes[:2]:
+        ax.set_ylim(*loss_window(runs))
     axes[2].set_ylabel("batch (sequences)" + ("; dotted: B_simple" if critical else ""))
     axes[2].set_yscale("log", base=2)
-    axes[0].legend(fontsize=7)
+    # the steps panel's top right stays empty: the runs with many steps are the low-loss ones
+    axes[1].legend(fontsize=7, loc="upper right")
     mixed = [r for r in runs if r["mixture"] != "uniform"]
     ax = axes[3]
     if mixed:

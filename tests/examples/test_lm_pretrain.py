@@ -204,3 +204,17 @@ def test_a_fixed_batch_above_the_micro_batch_is_accumulated(splits):
     assert rec["steps"] == len(train) // 2 == 24  # one optimizer step per two micro-batches
     assert rec["tokens"] == sum(r["micro_batch"] for r in train) * 32 == 24 * 8 * 32
     assert rec["batch_size_trajectory"] == [{"step": 0, "tokens": 0, "batch_size": 8}]
+
+
+def test_loss_window_frames_the_late_part_of_training():
+    def run(curve):
+        return {"evals": [{"test_loss": t, "val_loss": v} for t, v in curve]}
+
+    runs = [
+        run([(5.6, 5.5), (2.0, 1.9), (1.50, 1.45)]),  # lowest point: validation 1.45
+        run([(5.6, 5.6), (3.0, 3.1), (2.10, 2.05)]),  # highest final test loss 2.10
+    ]
+    # from 1.45 - 0.02 to 2.10 + max(0.5, 2.10 - 1.45)
+    assert lm.loss_window(runs) == pytest.approx((1.43, 2.10 + 0.65))
+    # one run: the spread is nil, so half a nat above its final loss
+    assert lm.loss_window(runs[:1]) == pytest.approx((1.43, 2.00))
