@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from adaptive.stats.native import machine as native_machine
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -436,7 +438,14 @@ def write_markdown(
         "",
         *([f"**{meta['note']}**", ""] if meta.get("note") else []),
         f"Machine: {meta['machine']}, {meta['cpus']} CPUs (shared), torch {meta['torch']}, "
-        f"{meta['date']}. Model: {meta['model']}. Budget {meta['tokens']:,} tokens per run; seeds "
+        + (
+            f"CPU {meta['cpu']['cpu']} (instruction sets: "
+            f"{', '.join(meta['cpu']['instruction_sets'])}; torch CPU capability "
+            f"{meta['cpu']['torch_cpu_capability']}), "
+            if "cpu" in meta
+            else ""
+        )
+        + f"{meta['date']}. Model: {meta['model']}. Budget {meta['tokens']:,} tokens per run; seeds "
         f"{meta['seeds']}; {meta['optimizer']}, {meta['schedule']} schedule clocked in tokens; "
         f"precision {meta.get('precision', '32-true')}. "
         + (
@@ -800,6 +809,7 @@ def _grid(args, name, base, sizes, train, partial, tqdm) -> dict[str, Any]:
         "quick": args.quick,
         "note": args.note,
         "machine": platform.platform(),
+        "cpu": native_machine(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -298,6 +298,19 @@ def test_quick_dry_run_writes_the_schema(tmp_path):
     assert saved["meta"]["runs_trained"] == trained
     assert saved["meta"]["total_seconds"] > sum(r["wall_seconds"] for r in runs)
     assert f"{trained} runs with the tuning" in md
+    # a speed result names the CPU and the instruction sets it ran with
+    isa = saved["meta"]["cpu"]["instruction_sets"]
+    assert f"instruction sets: {', '.join(isa)};" in md
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = next(
+            set(line.partition(":")[2].split())
+            for line in cpuinfo.read_text().splitlines()
+            if line.split(":")[0].strip() in ("flags", "Features")
+        )
+        assert set(isa) <= flags
+        assert ("avx2" in isa) == ("avx2" in flags)
+        assert ("avx512f" in isa) == ("avx512f" in flags)
     # steps at equal loss: every growth rule's curve read at the highest final loss among them
     eq = saved["equal_loss_steps"]
     growth = [r for r in runs if r["config_name"] in ("norm", "warmup", "noise_scale")]
